@@ -1,0 +1,1 @@
+"""Source generation (Triton for GPU, C++ for CPU), compilation and the kernel cache."""

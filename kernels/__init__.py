@@ -1,0 +1,1 @@
+"""Kernel templates (Triton, C++), each with a dense reference."""

@@ -1,0 +1,228 @@
+"""TeSA: a tensor's sparsity attribute — a bool mask (True = kept) plus a pattern descriptor.
+
+An element is *pruned* when forcing it to zero does not change the model's outputs. The
+pattern says how the pruned elements are arranged, so that planners can pick kernels
+(a block-sparse matmul for ``block``, a smaller dense op for ``row``/``column``/``channel``,
+the grouped n:m CPU kernels for ``nm``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import AttrError
+
+BLOCK_SIZES = (64, 32, 16, 8, 4)
+NM_GROUPS = (4, 8, 16, 10, 2)
+
+KINDS = ("dense", "empty", "row", "column", "channel", "block", "nm", "unstructured")
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """How the pruned elements of a mask are arranged.
+
+    kind: one of ``KINDS``. ``row``/``column`` are whole rows/columns of a 2-D tensor;
+    ``channel`` is whole slices along ``dim`` of any tensor; ``block`` uses ``block`` =
+    (bh, bw) over the last two dims; ``nm`` keeps at most ``n`` of every ``m`` consecutive
+    elements along ``dim``.
+    """
+
+    kind: str
+    block: tuple[int, int] | None = None
+    n: int | None = None
+    m: int | None = None
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise AttrError(f"pattern kind must be one of {KINDS}, got {self.kind!r}.")
+
+    def __str__(self) -> str:
+        if self.kind == "block":
+            return f"block({self.block[0]}x{self.block[1]})"
+        if self.kind == "nm":
+            return f"{self.n}:{self.m}"
+        if self.kind == "channel":
+            return f"channel(dim={self.dim})"
+        return self.kind
+
+    @staticmethod
+    def parse(text: str) -> Pattern:
+        """Parse ``"block(32x32)"``, ``"2:4"``, ``"row"``, ``"channel(dim=1)"`` ..."""
+        t = text.strip().lower()
+        if mt := re.fullmatch(r"block\((\d+)\s*[x,]\s*(\d+)\)", t):
+            return Pattern("block", block=(int(mt[1]), int(mt[2])))
+        if mt := re.fullmatch(r"(\d+):(\d+)", t):
+            return Pattern("nm", n=int(mt[1]), m=int(mt[2]), dim=-1)
+        if mt := re.fullmatch(r"channel\(dim=(-?\d+)\)", t):
+            return Pattern("channel", dim=int(mt[1]))
+        if t in KINDS:
+            return Pattern(t)
+        raise AttrError(
+            f"cannot read the pattern {text!r}: use 'dense', 'unstructured', 'row', 'column', "
+            f"'channel(dim=D)', 'block(BHxBW)' or 'N:M'."
+        )
+
+
+def _structured_dim(mask: torch.Tensor) -> int | None:
+    """The dim along which the mask is all-or-nothing slices, or None."""
+    for d in range(mask.dim()):
+        others = [i for i in range(mask.dim()) if i != d]
+        if not others:
+            continue
+        kept = mask.any(dim=others, keepdim=True)
+        if torch.equal(kept.expand_as(mask), mask):
+            return d
+    return None
+
+
+def block_any(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
+    """Per (bh, bw) block of the last two dims: does it keep anything? Ragged edges padded."""
+    rows, cols = mask.shape[-2:]
+    m = mask.reshape(-1, rows, cols).float()
+    m = torch.nn.functional.pad(m, (0, (-cols) % bw, 0, (-rows) % bh))
+    return torch.nn.functional.max_pool2d(m, (bh, bw)).bool().reshape(
+        *mask.shape[:-2], m.shape[-2] // bh, m.shape[-1] // bw
+    )
+
+
+def _is_block(mask: torch.Tensor, bh: int, bw: int) -> bool:
+    rows, cols = mask.shape[-2:]
+    if rows < bh or cols < bw:
+        return False
+    kept = block_any(mask, bh, bw)
+    full = kept.repeat_interleave(bh, dim=-2).repeat_interleave(bw, dim=-1)
+    return torch.equal(full[..., :rows, :cols], mask)
+
+
+def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
+    k = mask.shape[-1]
+    for m in NM_GROUPS:
+        if k % m or k < m:
+            continue
+        counts = mask.reshape(-1, m).sum(dim=1)
+        n = int(counts.max())
+        if 0 < n < m and bool((counts == n).all()):
+            return n, m
+    return None
+
+
+def detect_pattern(mask: torch.Tensor) -> Pattern:
+    """The most specific pattern the mask satisfies (cheap checks first)."""
+    if bool(mask.all()):
+        return Pattern("dense")
+    if not bool(mask.any()):
+        return Pattern("empty")
+    d = _structured_dim(mask)
+    if d is not None:
+        if mask.dim() == 2:
+            return Pattern("row" if d == 0 else "column")
+        return Pattern("channel", dim=d)
+    if mask.dim() >= 2:
+        for b in BLOCK_SIZES:
+            if _is_block(mask, b, b):
+                return Pattern("block", block=(b, b))
+    nm = _nm(mask)
+    if nm is not None:
+        return Pattern("nm", n=nm[0], m=nm[1], dim=-1)
+    return Pattern("unstructured")
+
+
+def satisfies(mask: torch.Tensor, pattern: Pattern) -> bool:
+    """Whether the mask is consistent with a declared pattern."""
+    k = pattern.kind
+    if k in ("dense", "unstructured"):
+        return k == "unstructured" or bool(mask.all())
+    if k == "empty":
+        return not bool(mask.any())
+    if k in ("row", "column", "channel"):
+        dim = {"row": 0, "column": 1}.get(k, pattern.dim)
+        others = [i for i in range(mask.dim()) if i != dim % mask.dim()]
+        return torch.equal(mask.any(dim=others, keepdim=True).expand_as(mask), mask)
+    if k == "block":
+        return mask.dim() >= 2 and _is_block(mask, *pattern.block)
+    if k == "nm":
+        moved = mask.movedim(pattern.dim, -1)
+        if moved.shape[-1] % pattern.m:
+            return False
+        return bool((moved.reshape(-1, pattern.m).sum(dim=1) <= pattern.n).all())
+    return False
+
+
+class TeSA:
+    """Tensor-with-Sparsity-Attribute: ``mask`` (bool, True = kept) and its ``pattern``."""
+
+    __slots__ = ("mask", "pattern", "_digest")
+
+    def __init__(self, mask: torch.Tensor, pattern: Pattern | str | None = None) -> None:
+        if not isinstance(mask, torch.Tensor):
+            raise AttrError(
+                f"a sparsity mask must be a torch.Tensor of dtype bool, got {type(mask).__name__}. "
+                f"Build it with e.g. `weight.abs() > threshold`."
+            )
+        if mask.dtype != torch.bool:
+            raise AttrError(
+                f"a sparsity mask must have dtype torch.bool (True = kept), got {mask.dtype}. "
+                f"Convert with `mask != 0` if it holds 0/1 values."
+            )
+        # A private, detached CPU copy: the user's tensor is never aliased or modified.
+        self.mask = mask.detach().to("cpu", copy=True)
+        if isinstance(pattern, str):
+            pattern = Pattern.parse(pattern)
+        if pattern is None:
+            pattern = detect_pattern(self.mask)
+        elif not satisfies(self.mask, pattern):
+            raise AttrError(
+                f"the mask of shape {tuple(self.mask.shape)} does not satisfy the declared pattern "
+                f"{pattern}; leave pattern=None to detect it, or fix the mask."
+            )
+        self.pattern = pattern
+        self._digest: str | None = None
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, pattern: Pattern | str | None = None) -> TeSA:
+        return cls(mask, pattern)
+
+    @classmethod
+    def dense(cls, shape: tuple[int, ...] | torch.Size) -> TeSA:
+        return cls(torch.ones(tuple(shape), dtype=torch.bool), Pattern("dense"))
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mask.shape
+
+    @property
+    def density(self) -> float:
+        return float(self.mask.float().mean()) if self.mask.numel() else 1.0
+
+    @property
+    def digest(self) -> str:
+        """Stable across processes: shape + packed bits (used in kernel cache keys)."""
+        if self._digest is None:
+            h = hashlib.sha256(repr(tuple(self.mask.shape)).encode())
+            h.update(self.mask.flatten().numpy().tobytes())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+    def __repr__(self) -> str:
+        return f"TeSA(shape={tuple(self.shape)}, pattern={self.pattern}, density={self.density:.3f})"
+
+
+def as_tesa(value: TeSA | torch.Tensor, name: str) -> TeSA:
+    """Accept a TeSA or a bool tensor as a user attribute."""
+    if isinstance(value, TeSA):
+        return value
+    if isinstance(value, torch.Tensor):
+        try:
+            return TeSA(value)
+        except AttrError as e:
+            raise AttrError(f"attribute {name!r}: {e}") from None
+    raise AttrError(
+        f"attribute {name!r} must be a sparta.TeSA or a bool torch.Tensor, got "
+        f"{type(value).__name__}."
+    )
