@@ -1,0 +1,266 @@
+"""Triton backend: modules whose kernels are generated and specialised to one mask.
+
+Public entry points (called by the planner):
+
+- ``available(device)``
+- ``build_block_sparse_linear(weight, mask, bias, activation, node=...)``
+- ``build_sddmm(pattern, block, dtype=..., device=..., node=...)``
+- ``build_sparse_input_matmul(pattern, block, dtype=..., device=..., node=...)``
+- ``capture_cuda_graph(module, example_x)`` for a fixed-shape, low-overhead call path.
+
+All mask analysis and packing happens at build time; forward() only launches the kernel on
+the precomputed tables. The modules are inference-only (no autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+from sparta.kernels import triton_bsmm
+from sparta.kernels.triton_common import ACTIVATIONS
+
+from sparta.errors import BackendError
+
+from .cache import cache_key, debug_level
+from .triton_attn import SDDMM, SparseInputMatmul
+from .triton_load import available, device_name, inspect_source, interpreting, load_kernel
+from .triton_pack import PackedLinear, TilePlan, mask_digest, pack_linear, plan_tiles
+from .triton_tune import INTERPRETER_CONFIG, LinearConfig, time_ms, tuned_config
+
+__all__ = [
+    "LinearConfig",
+    "available",
+    "build_block_sparse_linear",
+    "build_sddmm",
+    "build_sparse_input_matmul",
+    "capture_cuda_graph",
+]
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_target(dtype: torch.dtype, device: torch.device, what: str) -> None:
+    if dtype not in DTYPES:
+        raise BackendError(f"{what}: the Triton kernels take fp16, bf16 or fp32, got {dtype}.")
+    if not available(device):
+        raise BackendError(
+            f"{what}: the Triton backend cannot run on {device}: it needs triton and a CUDA "
+            f"device, or a CPU device with TRITON_INTERPRET=1 set before triton is imported."
+        )
+
+
+def _describe(mask: torch.Tensor, extra: str) -> str:
+    """Pattern text for the debug header (only computed when dumping)."""
+    if debug_level() < 2:
+        return extra
+    from sparta.tesa import detect_pattern
+
+    m = mask.to("cpu")
+    return f"{detect_pattern(m)} density={float(m.float().mean()):.4f} {extra}"
+
+
+def _not_training(x: torch.Tensor, what: str) -> None:
+    if x.requires_grad and torch.is_grad_enabled():
+        raise BackendError(
+            f"{what} is inference-only (no autograd through the generated kernel), got an input "
+            f"that requires grad. Call it under torch.no_grad() or use the dense module."
+        )
+
+
+class BlockSparseLinear(torch.nn.Module):
+    """act(x @ (W * mask).T + b) through a kernel specialised to the mask."""
+
+    def __init__(
+        self,
+        packed: PackedLinear,
+        plan: TilePlan,
+        config: LinearConfig,
+        *,
+        in_features: int,
+        out_features: int,
+        source: str,
+        key: str,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.config, self.source, self.key = config, source, key
+        self.n_tiles, self.n_slabs = plan.n_tiles, plan.n_slabs
+        self.kept_fraction = plan.n_slabs * plan.bn * plan.bk / max(1, out_features * in_features)
+        self.register_buffer("slabs", packed.slabs, persistent=False)
+        self.register_buffer("tile_ptr", packed.tile_ptr, persistent=False)
+        self.register_buffer("kidx", packed.kidx, persistent=False)
+        self.register_buffer("cols", packed.cols, persistent=False)
+        self.register_buffer("bias", packed.bias, persistent=False)
+        self._kernel = load_kernel(source, triton_bsmm.KERNEL_NAME)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        if x.shape[-1] != k or x.dtype != self.slabs.dtype:
+            raise BackendError(
+                f"block-sparse linear expects (..., {k}) {self.slabs.dtype} input, got "
+                f"{tuple(x.shape)} {x.dtype}."
+            )
+        _not_training(x, "the block-sparse linear")
+        x2 = x.reshape(-1, k)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        m = x2.shape[0]
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        if m:
+            bm, warps, stages = self.config.launch(m)
+            grid = (self.n_tiles, -(-m // bm))
+            bias = self.bias if self.bias is not None else self.slabs
+            self._kernel[grid](
+                x2, self.slabs, self.tile_ptr, self.kidx, self.cols, bias, y,
+                m, x2.stride(0), n, BLOCK_M=bm, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
+        return y.view(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"in={self.in_features}, out={self.out_features}, tile={c.bn}x{c.bk}, "
+            f"tiles={self.n_tiles}, slabs={self.n_slabs}, kept={self.kept_fraction:.3f}"
+        )
+
+
+def _linear_timer(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
+    """Timer for the tuning sweep: real kernels on random data of the target device."""
+
+    def timer(plan: TilePlan, m: int, launch: tuple[int, int, int]) -> float:
+        cfg = LinearConfig(bn=plan.bn, bk=plan.bk, block_m=launch[0], warps=launch[1],
+                           stages=launch[2], small_block_m=launch[0], small_warps=launch[1],
+                           small_stages=launch[2])  # fmt: skip
+        mask = torch.ones_like(weight, dtype=torch.bool)  # plan fixes the structure
+        try:
+            mod = _make_linear(weight, mask, bias, activation, plan, cfg, key="tuning")
+        except Exception:
+            return float("inf")
+        x = torch.randn(m, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        return time_ms(lambda: mod(x))
+
+    return timer
+
+
+def _make_linear(weight, mask, bias, activation, plan, config, *, key) -> BlockSparseLinear:
+    n, k = weight.shape
+    source = triton_bsmm.render(
+        bn=plan.bn, bk=plan.bk, k=k, dtype=weight.dtype, has_bias=bias is not None,
+        activation=activation,
+    )  # fmt: skip
+    packed = pack_linear(weight, mask, bias, plan)
+    return BlockSparseLinear(
+        packed, plan, config, in_features=k, out_features=n, source=source, key=key
+    )
+
+
+def build_block_sparse_linear(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    node: str = "",
+    config: LinearConfig | None = None,
+) -> torch.nn.Module:
+    """A module computing act(x @ (weight * mask).T + bias) with a mask-specialised kernel.
+
+    Any mask is covered exactly: the kernel skips only (BN x BK) slabs with no kept element;
+    zeros inside kept slabs are stored. ``config`` overrides the measured tile choice.
+    """
+    what = f"node {node!r}" if node else "block-sparse linear"
+    if weight.dim() != 2 or mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise BackendError(
+            f"{what}: needs a 2-D weight and a bool mask of the same shape, got weight "
+            f"{tuple(weight.shape)} and mask {tuple(mask.shape)} {mask.dtype}."
+        )
+    if activation not in ACTIVATIONS:
+        raise BackendError(f"{what}: activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise BackendError(f"{what}: bias must have shape ({weight.shape[0]},), got {bias.shape}.")
+    _check_target(weight.dtype, weight.device, what)
+    n, k = weight.shape
+    dev = device_name(weight.device)
+    digest = mask_digest(mask)
+    key = cache_key("triton-linear", digest, n, k, weight.dtype, dev, bias is not None, activation)
+    if config is None:
+        if weight.device.type == "cpu" or interpreting():
+            config = INTERPRETER_CONFIG
+        else:
+            config = tuned_config(
+                mask,
+                mask_key=key,
+                class_parts=(n, k, weight.dtype, dev, bias is not None, activation),
+                timer_for=lambda: _linear_timer(weight, bias, activation),
+            )
+    plan = plan_tiles(mask, config.bn, config.bk, cluster=config.cluster)
+    module = _make_linear(weight, mask, bias, activation, plan, config, key=key)
+    inspect_source(module.source, node=node, pattern=_describe(mask, module.extra_repr()), key=key)
+    return module
+
+
+def build_sddmm(
+    pattern: torch.Tensor, block: int, *, dtype: torch.dtype, device, node: str = ""
+) -> torch.nn.Module:
+    """forward(a, b) -> a @ b computed only in the kept (block x block) blocks of ``pattern``;
+    elements of pruned blocks are written as 0."""
+    what = f"SDDMM {node!r}"
+    _validate_pattern(pattern, block, what)
+    _check_target(dtype, torch.device(device), what)
+    return SDDMM(pattern, block, dtype, torch.device(device), node=node)
+
+
+def build_sparse_input_matmul(
+    pattern: torch.Tensor, block: int, *, dtype: torch.dtype, device, node: str = ""
+) -> torch.nn.Module:
+    """forward(p, v) -> p @ v reading only the blocks of ``p`` that hold kept elements
+    (``p`` must be zero outside ``pattern``)."""
+    what = f"sparse-input matmul {node!r}"
+    _validate_pattern(pattern, block, what)
+    _check_target(dtype, torch.device(device), what)
+    return SparseInputMatmul(pattern, block, dtype, torch.device(device), node=node)
+
+
+def _validate_pattern(pattern: torch.Tensor, block: int, what: str) -> None:
+    if not isinstance(pattern, torch.Tensor) or pattern.dim() != 2 or pattern.dtype != torch.bool:
+        raise BackendError(f"{what}: pattern must be a 2-D bool tensor, got {pattern!r:.80}.")
+    if int(block) < 1:
+        raise BackendError(f"{what}: block must be a positive int, got {block}.")
+
+
+class GraphCaptured(torch.nn.Module):
+    """Replays a CUDA graph of ``module(x)`` for one fixed input shape (inputs are copied in)."""
+
+    def __init__(self, module: torch.nn.Module, example_x: torch.Tensor) -> None:
+        super().__init__()
+        self.module = module
+        self.static_x = example_x.detach().clone()
+        stream = torch.cuda.Stream(device=example_x.device)
+        stream.wait_stream(torch.cuda.current_stream(example_x.device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(2):  # compile and warm up outside the capture
+                module(self.static_x)
+        torch.cuda.current_stream(example_x.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.static_y = module(self.static_x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape != self.static_x.shape or x.dtype != self.static_x.dtype:
+            raise BackendError(
+                f"the captured graph takes {tuple(self.static_x.shape)} {self.static_x.dtype}, "
+                f"got {tuple(x.shape)} {x.dtype}; capture again for another shape."
+            )
+        self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_y
+
+
+def capture_cuda_graph(module: torch.nn.Module, example_x: torch.Tensor) -> torch.nn.Module:
+    """A module replaying ``module`` as one CUDA graph for inputs shaped like ``example_x``.
+
+    The returned tensor is the graph's static output buffer: it is overwritten by the next
+    call (clone it to keep it).
+    """
+    if example_x.device.type != "cuda":
+        raise BackendError(f"CUDA-graph capture needs a CUDA input, got {example_x.device}.")
+    return GraphCaptured(module, example_x)

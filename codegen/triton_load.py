@@ -1,0 +1,78 @@
+"""Loading generated Triton sources through the one kernel cache, and inspection.
+
+A generated source is written to the cache as ``<key>.py`` (content-addressed: the key
+hashes the source and the versions) and imported from there, since Triton reads a kernel's
+source from its file. Identical sources share one loaded kernel per process, so masks with
+the same shapes and tile choice share one compiled binary.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import cache_key, cached_file, debug_level, dump_source
+
+_LOADED: dict[tuple[str, bool], Any] = {}
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def available(device: torch.device | str) -> bool:
+    """Triton importable, and a CUDA device, or a CPU device in interpreter mode."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available()
+    return dev.type == "cpu" and interpreting()
+
+
+def load_kernel(source: str, name: str) -> Any:
+    """The ``@triton.jit`` function ``name`` of ``source``, via the cache."""
+    key = cache_key("triton-source", source)
+    memo = (key, interpreting())
+    if memo in _LOADED:
+        return _LOADED[memo]
+
+    def build(path: Path) -> None:
+        path.write_text(source)
+
+    path = cached_file(key, ".py", build, check=lambda p: p.read_text() == source)
+    mod_name = f"sparta_triton_{key}_{int(memo[1])}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the generated kernel file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    fn = getattr(module, name)
+    _LOADED[memo] = fn
+    return fn
+
+
+def inspect_source(source: str, *, node: str, pattern: str, key: str) -> None:
+    """``SPARTA_DEBUG=2``: dump the source with a header naming node, pattern and key."""
+    if debug_level() >= 2:
+        dump_source(source, node=node or "<unnamed>", pattern=pattern, key=key, language="triton")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu-interpreter"

@@ -1,0 +1,48 @@
+"""Pieces shared by the Triton kernel templates: dtype names and fused epilogue snippets.
+
+Templates are plain Python format strings; ``codegen/triton_gen.py`` renders them with the
+constants of one mask (tile sizes, K, dtype, epilogue) and loads the result as a module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+
+TL_DTYPE = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
+
+# Epilogue code applied to the fp32 accumulator ``acc`` (indentation added by the renderer).
+_ACT_SRC = {
+    None: "",
+    "relu": "acc = tl.maximum(acc, 0.0)",
+    "gelu": "acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))",
+    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both tails (exp overflow gives +1, underflow -1).
+    "gelu_tanh": (
+        "u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)\n"
+        "acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))"
+    ),
+}
+
+HEADER = "import triton\nimport triton.language as tl\n\n"
+
+
+def activation_src(activation: str | None, indent: int) -> str:
+    """The epilogue lines of ``activation``, indented for the kernel body."""
+    if activation not in _ACT_SRC:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    pad = " " * indent
+    return "".join(f"{pad}{line}\n" for line in _ACT_SRC[activation].splitlines())
+
+
+def reference_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Dense reference of the fused epilogue."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return torch.relu(y)
+    if activation == "gelu":
+        return torch.nn.functional.gelu(y)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(y, approximate="tanh")
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
