@@ -1,0 +1,295 @@
+"""The ``nm_cpu`` backend: n:m sparse linear layers as C++ generated per weight, built with g++.
+
+``build_nm_linear`` packs the weight once (``sparta.kernels.nm_layout``), renders
+``kernels/nm_linear.cpp`` specialised to (n, m, shapes, tiles, ISA, bias, activation), compiles
+it into a plain shared library (no torch headers: about a second cold) through the one kernel
+cache, and loads it with ctypes. The kernel threads with OpenMP over output-row tiles, using
+``torch.get_num_threads()`` threads at each call. Layout and loop structure: docs/nm_cpu.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from sparta.codegen.cache import cache_key, cached_file, dump_source
+from sparta.errors import BackendError
+from sparta.kernels.nm_layout import ACTIVATIONS, NMPacked, pack_nm
+
+ISAS = ("avx512", "avx2", "scalar")
+
+
+@dataclass(frozen=True)
+class IsaConfig:
+    vl: int  # floats per vector
+    rows: int  # output rows per register tile (R)
+    tv: int  # token vectors per register tile (<= 4)
+    flags: tuple[str, ...]
+
+
+# Register budget: R * TV accumulators + one broadcast, 32 zmm (AVX-512) / 16 ymm (AVX2) regs.
+ISA_CONFIGS: dict[str, IsaConfig] = {
+    "avx512": IsaConfig(16, 6, 4, ("-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx2", "-mfma")),
+    "avx2": IsaConfig(8, 3, 4, ("-mavx2", "-mfma")),
+    "scalar": IsaConfig(1, 4, 4, ()),
+}
+BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
+ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+# Chunks per k block: the x panel slice a block reads (KBC * m * TV * VL floats) stays in L1.
+L1_PANEL_BYTES = 24 * 1024
+
+
+def compiler() -> str | None:
+    """The C++ compiler to use: $SPARTA_CXX, $CXX or g++, if it can be found."""
+    name = os.environ.get("SPARTA_CXX") or os.environ.get("CXX") or "g++"
+    return shutil.which(name)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiler_version(path: str) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def available() -> bool:
+    """Whether a working C++ compiler was found."""
+    cxx = compiler()
+    return cxx is not None and bool(_compiler_version(cxx))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags of this machine (Linux /proc/cpuinfo, else torch's capability)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    if cap.startswith("avx512"):
+        return frozenset({"avx512f", "avx512dq", "avx512vl", "avx2", "fma"})
+    return frozenset({"avx2", "fma"}) if cap == "avx2" else frozenset()
+
+
+def detect_isa() -> str:
+    """The best kernel ISA for this CPU: "avx512", "avx2" or "scalar"."""
+    flags = cpu_flags()
+    if {"avx512f", "avx512dq", "avx512vl"} <= flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "scalar"
+
+
+def _supported(isa: str) -> bool:
+    return isa == "scalar" or ISAS.index(isa) >= ISAS.index(detect_isa())
+
+
+def _elf_complete(path: Path) -> bool:
+    """A shared library is trusted when its ELF headers say every segment and section fits."""
+    data = path.read_bytes()
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return False
+    phoff, shoff = struct.unpack_from("<QQ", data, 0x20)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 0x36)
+    if phoff + phentsize * phnum > len(data) or shoff + shentsize * shnum > len(data):
+        return False
+    for i in range(phnum):
+        _, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if offset + filesz > len(data):
+            return False
+    return True
+
+
+def compile_source(source: str, isa: str) -> tuple[Path, str]:
+    """Compile C++ ``source`` for ``isa`` into a cached shared library: (path, cache key)."""
+    cxx = compiler()
+    version = _compiler_version(cxx) if cxx else ""
+    if not cxx or not version:
+        raise BackendError(
+            "the nm_cpu backend needs a C++ compiler, found none (looked for $SPARTA_CXX, $CXX, "
+            "g++). Install g++ (e.g. `apt-get install g++`) or leave 'nm_cpu' out of backends."
+        )
+    flags = (*BASE_FLAGS, *ISA_CONFIGS[isa].flags)
+    key = cache_key("nm_cpu", source, version, sorted(cpu_flags()), flags, isa)
+
+    def build(out: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="sparta-cxx-") as tmp:
+            src = Path(tmp) / "kernel.cpp"
+            src.write_text(source)
+            proc = subprocess.run(
+                [cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True
+            )
+        if proc.returncode != 0:
+            raise BackendError(
+                f"g++ failed to build the nm_cpu kernel {key} (exit {proc.returncode}):\n"
+                f"{proc.stderr[-4000:]}\nRe-run with SPARTA_DEBUG=2 to see the source."
+            )
+
+    return cached_file(key, ".so", build, _elf_complete), key
+
+
+@functools.lru_cache(maxsize=1)
+def _template() -> str:
+    return resources.files("sparta.kernels").joinpath("nm_linear.cpp").read_text()
+
+
+def render(
+    n: int,
+    m: int,
+    out_features: int,
+    in_features: int,
+    isa: str,
+    has_bias: bool,
+    activation: str | None,
+) -> str:
+    """The C++ source of one kernel: a block of constants followed by the template."""
+    cfg = ISA_CONFIGS[isa]
+    chunks = -(-in_features // m)
+    kbc = max(1, L1_PANEL_BYTES // (m * cfg.tv * cfg.vl * 4))
+    consts = {
+        "NM_N": n,
+        "NM_M": m,
+        "NM_K": in_features,
+        "NM_OUT": out_features,
+        "NM_C": chunks,
+        "NM_R": cfg.rows,
+        "NM_TV": cfg.tv,
+        "NM_VL": cfg.vl,
+        "NM_KBC": min(kbc, chunks),
+        "NM_HAS_BIAS": int(has_bias),
+        "NM_ACT": ACT_CODES[activation],
+    }
+    head = "".join(f"#define {k} {v}\n" for k, v in consts.items())
+    return f"// isa: {isa}, {n}:{m}, activation: {activation}\n{head}{_template()}"
+
+
+class NMLinear(torch.nn.Module):
+    """``act(x @ (W*mask).T + b)`` through a compiled n:m kernel; built by ``build_nm_linear``."""
+
+    def __init__(
+        self,
+        packed: NMPacked,
+        bias: torch.Tensor | None,
+        activation: str | None,
+        isa: str,
+        source: str,
+        key: str,
+        lib_path: Path,
+    ) -> None:
+        super().__init__()
+        self.n, self.m, self.isa, self.activation = packed.n, packed.m, isa, activation
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.source, self.key, self.lib_path = source, key, lib_path
+        self.register_buffer("vals", packed.vals)
+        self.register_buffer("idx", packed.idx)
+        self.register_buffer("bias", bias)
+        lib = ctypes.CDLL(str(lib_path))
+        if lib.nm_abi_version() != 1:
+            raise BackendError(f"the kernel library {lib_path} has an unexpected ABI version")
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+        lib.nm_xt_floats.argtypes, lib.nm_xt_floats.restype = [i64], i64
+        lib.nm_ybuf_floats.argtypes, lib.nm_ybuf_floats.restype = [], i64
+        lib.nm_forward.argtypes = [p, i64, p, p, p, p, p, p, i32]
+        lib.nm_forward.restype = i32
+        self._lib = lib
+        self._ybuf = torch.empty(max(1, lib.nm_ybuf_floats()), dtype=torch.float32)
+        self._xt = torch.empty(0, dtype=torch.float32)
+        self._lock = threading.Lock()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"pattern={self.n}:{self.m}, isa={self.isa}, activation={self.activation}, "
+            f"key={self.key}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise BackendError(
+                f"the nm_cpu kernel takes float32 CPU inputs, got {x.dtype} on {x.device}; "
+                f"cast with x.float().cpu() or use the dense implementation."
+            )
+        if x.shape[-1] != self.in_features:
+            raise BackendError(
+                f"expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}."
+            )
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).contiguous()
+        tokens = x2.shape[0]
+        y = torch.empty(tokens, self.out_features, dtype=torch.float32)
+        if tokens == 0:
+            return y.reshape(*lead, self.out_features)
+        with self._lock:
+            need = self._lib.nm_xt_floats(tokens)
+            if self._xt.numel() < need:
+                self._xt = torch.empty(need, dtype=torch.float32)
+            bias = self.bias.data_ptr() if self.bias is not None else None
+            self._lib.nm_forward(
+                x2.data_ptr(),
+                tokens,
+                self.vals.data_ptr(),
+                self.idx.data_ptr(),
+                bias,
+                y.data_ptr(),
+                self._xt.data_ptr(),
+                self._ybuf.data_ptr(),
+                torch.get_num_threads(),
+            )
+        return y.reshape(*lead, self.out_features)
+
+
+def build_nm_linear(
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    n: int,
+    m: int,
+    isa: str | None = None,
+    node: str = "",
+) -> torch.nn.Module:
+    """A module computing ``act(x @ (weight*mask).T + bias)`` with a kernel built for this mask.
+
+    ``isa`` None picks the best for this CPU; "avx512"/"avx2"/"scalar" force a path.
+    Raises BackendError when no compiler is found, the mask is not n:m, or the ISA is absent.
+    """
+    if activation not in ACTIVATIONS:
+        raise BackendError(f"activation must be one of {ACTIVATIONS}, got {activation!r}.")
+    if weight.dim() != 2:
+        raise BackendError(f"weight must be 2-D (N, K), got shape {tuple(weight.shape)}.")
+    isa = isa or detect_isa()
+    if isa not in ISAS:
+        raise BackendError(f"isa must be one of {ISAS} or None, got {isa!r}.")
+    if not _supported(isa):
+        raise BackendError(
+            f"this CPU lacks {isa} (best available: {detect_isa()}); pass isa=None to pick it."
+        )
+    if not available():
+        compile_source("", isa)  # raises the no-compiler BackendError
+    out_features, in_features = weight.shape
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise BackendError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
+    packed = pack_nm(weight, mask, n, m, ISA_CONFIGS[isa].rows)
+    source = render(n, m, out_features, in_features, isa, bias is not None, activation)
+    lib_path, key = compile_source(source, isa)
+    dump_source(source, node=node or "nm_linear", pattern=f"{n}:{m}", key=key, language="c++")
+    b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous().clone()
+    return NMLinear(packed, b, activation, isa, source, key, lib_path)
