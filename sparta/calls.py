@@ -21,9 +21,14 @@ def _is_tensor_type(t: Any) -> bool:
 
 def _is_tensor_list_type(t: Any) -> bool:
     s = str(t)
-    return s.startswith("List[Tensor") or s.startswith("List[Optional[Tensor") or s in (
-        "Tensor[]",
-        "Tensor?[]",
+    return (
+        s.startswith("List[Tensor")
+        or s.startswith("List[Optional[Tensor")
+        or s
+        in (
+            "Tensor[]",
+            "Tensor?[]",
+        )
     )
 
 
@@ -88,8 +93,9 @@ def make_call(
             params[name] = value
     for i, dt in enumerate(out_dtypes):
         dtypes[f"out{i}"] = dt
-    return Call(op=op, inputs=inputs, outputs=tuple(outputs), params=params, dtypes=dtypes,
-                consts=consts)
+    return Call(
+        op=op, inputs=inputs, outputs=tuple(outputs), params=params, dtypes=dtypes, consts=consts
+    )
 
 
 def check_refined(call: Call, refined: Refined, rule_name: str) -> None:

@@ -133,7 +133,9 @@ def missing_rule_error(op: Any) -> MissingRuleError:
     schema = getattr(op, "_schema", None)
     args = [a.name for a in schema.arguments] if schema is not None else ["x"]
     tensor_args = (
-        [a.name for a in schema.arguments if "Tensor" in str(a.type)] if schema is not None else args
+        [a.name for a in schema.arguments if "Tensor" in str(a.type)]
+        if schema is not None
+        else args
     )
     first = tensor_args[0] if tensor_args else "self"
     stub = (

@@ -86,8 +86,10 @@ def block_any(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
     rows, cols = mask.shape[-2:]
     m = mask.reshape(-1, rows, cols).float()
     m = torch.nn.functional.pad(m, (0, (-cols) % bw, 0, (-rows) % bh))
-    return torch.nn.functional.max_pool2d(m, (bh, bw)).bool().reshape(
-        *mask.shape[:-2], m.shape[-2] // bh, m.shape[-1] // bw
+    return (
+        torch.nn.functional.max_pool2d(m, (bh, bw))
+        .bool()
+        .reshape(*mask.shape[:-2], m.shape[-2] // bh, m.shape[-1] // bw)
     )
 
 
@@ -210,7 +212,9 @@ class TeSA:
         return self._digest
 
     def __repr__(self) -> str:
-        return f"TeSA(shape={tuple(self.shape)}, pattern={self.pattern}, density={self.density:.3f})"
+        return (
+            f"TeSA(shape={tuple(self.shape)}, pattern={self.pattern}, density={self.density:.3f})"
+        )
 
 
 def as_tesa(value: TeSA | torch.Tensor, name: str) -> TeSA:
