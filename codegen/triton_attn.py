@@ -9,9 +9,9 @@ broadcast like torch.matmul.
 from __future__ import annotations
 
 import torch
-from sparta.kernels import triton_sddmm, triton_spmm
 
 from sparta.errors import BackendError
+from sparta.kernels import triton_sddmm, triton_spmm
 from sparta.tesa import block_any
 
 from .cache import cache_key
@@ -69,7 +69,7 @@ class SDDMM(torch.nn.Module):
         )
         self.key = cache_key("triton-sddmm", mask_digest(pattern), block, dtype,
                              device_name(torch.device(device)))  # fmt: skip
-        self._kernel = load_kernel(self.source, triton_sddmm.KERNEL_NAME)
+        self._kernel = load_kernel(self.source, triton_sddmm.KERNEL_NAME, dtype)
         desc = f"sddmm block={block} tile={self.tile} kept_tiles={self.n_kept}/{self.n_tiles}"
         inspect_source(self.source, node=node, pattern=desc, key=self.key)
 
@@ -110,7 +110,7 @@ class SparseInputMatmul(torch.nn.Module):
         self.source = triton_spmm.render(tile=self.tile, dtype=dtype)
         self.key = cache_key("triton-spmm", mask_digest(pattern), block, dtype,
                              device_name(torch.device(device)))  # fmt: skip
-        self._kernel = load_kernel(self.source, triton_spmm.KERNEL_NAME)
+        self._kernel = load_kernel(self.source, triton_spmm.KERNEL_NAME, dtype)
         desc = f"sparse-input block={block} tile={self.tile} kept_tiles={int(counts.sum())}"
         inspect_source(self.source, node=node, pattern=desc, key=self.key)
 

@@ -15,10 +15,10 @@ the precomputed tables. The modules are inference-only (no autograd).
 from __future__ import annotations
 
 import torch
-from sparta.kernels import triton_bsmm
-from sparta.kernels.triton_common import ACTIVATIONS
 
 from sparta.errors import BackendError
+from sparta.kernels import triton_bsmm
+from sparta.kernels.triton_common import ACTIVATIONS
 
 from .cache import cache_key, debug_level
 from .triton_attn import SDDMM, SparseInputMatmul
@@ -90,7 +90,7 @@ class BlockSparseLinear(torch.nn.Module):
         self.register_buffer("kidx", packed.kidx, persistent=False)
         self.register_buffer("cols", packed.cols, persistent=False)
         self.register_buffer("bias", packed.bias, persistent=False)
-        self._kernel = load_kernel(source, triton_bsmm.KERNEL_NAME)
+        self._kernel = load_kernel(source, triton_bsmm.KERNEL_NAME, packed.slabs.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from sparta.kernels.triton_common import interpreter_safe
+
 from .cache import cache_key, cached_file, debug_level, dump_source
 
 _LOADED: dict[tuple[str, bool], Any] = {}
@@ -43,8 +45,10 @@ def available(device: torch.device | str) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
-def load_kernel(source: str, name: str) -> Any:
+def load_kernel(source: str, name: str, dtype: torch.dtype) -> Any:
     """The ``@triton.jit`` function ``name`` of ``source``, via the cache."""
+    if interpreting():
+        source = interpreter_safe(source, dtype)
     key = cache_key("triton-source", source)
     memo = (key, interpreting())
     if memo in _LOADED:

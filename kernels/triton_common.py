@@ -6,6 +6,8 @@ constants of one mask (tile sizes, K, dtype, epilogue) and loads the result as a
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
@@ -17,10 +19,10 @@ _ACT_SRC = {
     None: "",
     "relu": "acc = tl.maximum(acc, 0.0)",
     "gelu": "acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))",
-    # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both tails (exp overflow gives +1, underflow -1).
+    # tanh(u) = 1 - 2 / (exp(2u) + 1); 2u is clamped at 80 (tanh is 1 there in any dtype).
     "gelu_tanh": (
         "u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)\n"
-        "acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))"
+        "acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))"
     ),
 }
 
@@ -46,3 +48,14 @@ def reference_activation(y: torch.Tensor, activation: str | None) -> torch.Tenso
     if activation == "gelu_tanh":
         return torch.nn.functional.gelu(y, approximate="tanh")
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def interpreter_safe(source: str, dtype: torch.dtype) -> str:
+    """Triton's CPU interpreter mis-evaluates bf16 ``tl.dot``: feed it the (exact) fp32 upcast.
+
+    Only applied when kernels run in the interpreter; GPU sources keep bf16 tensor-core dots.
+    """
+    if dtype != torch.bfloat16:
+        return source
+    upcast = r"tl.dot(\1.to(tl.float32), \2.to(tl.float32), acc)"
+    return re.sub(r"tl\.dot\((\w+), (\w+), acc\)", upcast, source)
