@@ -419,7 +419,7 @@ def _infer(call: Call, slots: list[_Slot], trials: int, seed: int) -> Refined:
     op = call.op
 
     def warn(text: str, kind: str = "skipped") -> None:
-        _warn(op, text, depth=1, kind=kind)
+        _warn(op, text, depth=2, kind=kind)
 
     size = sum(s.mask.numel() for s in slots) + sum(m.numel() for m in call.outputs)
     if size > MAX_ELEMENTS:
