@@ -1,1 +1,15 @@
 """Propagation rules, one module per op family, registered into sparta.registry on import."""
+
+from . import attention, conv, elementwise, factory, index, linear, norm, reduce, shape
+
+__all__ = [
+    "attention",
+    "conv",
+    "elementwise",
+    "factory",
+    "index",
+    "linear",
+    "norm",
+    "reduce",
+    "shape",
+]

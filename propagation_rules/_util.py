@@ -1,0 +1,119 @@
+"""Helpers shared by the rule modules: broadcasting, dims, and exact masks of nonnegative ops.
+
+The key trick: for an op that is a sum of products of its tensor arguments with positive
+coefficients (matmul, linear, conv, avg-pool, sum, ...), running the op itself on 0/1 float
+masks tells which outputs have a term whose factors are all kept (forward), and the gradient of
+``sum(op(masks) * out_mask)`` tells which input elements reach a kept output through a term
+whose other factors are kept (backward). Both are exact for such ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from sparta.registry import Call, Mask
+
+__all__ = [
+    "all_dims",
+    "broadcast_back",
+    "broadcast_fwd",
+    "dims_of",
+    "full",
+    "is_mask",
+    "nonneg_masks",
+    "scalar_is_zero",
+]
+
+
+def is_mask(m: Any) -> bool:
+    return isinstance(m, torch.Tensor)
+
+
+def full(shape: Sequence[int] | torch.Size, value: bool) -> Mask:
+    return torch.full(tuple(shape), value, dtype=torch.bool)
+
+
+def broadcast_back(mask: Mask, shape: Sequence[int] | torch.Size) -> Mask:
+    """Reduce an output-shaped mask to an input of ``shape`` that was broadcast to it: an input
+    element is kept if any output element it feeds is kept."""
+    shape = tuple(shape)
+    if tuple(mask.shape) == shape:
+        return mask
+    lead = mask.dim() - len(shape)
+    m = mask.any(dim=tuple(range(lead))) if lead > 0 else mask
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and m.shape[i] != 1)
+    m = m.any(dim=dims, keepdim=True) if dims else m
+    return m.reshape(shape)
+
+
+def broadcast_fwd(mask: Mask, shape: Sequence[int] | torch.Size) -> Mask:
+    shape = tuple(shape)
+    return mask if tuple(mask.shape) == shape else mask.expand(shape)
+
+
+def dims_of(dim: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """Normalised reduction dims; None or [] means all dims (ATen's convention)."""
+    if dim is None:
+        return tuple(range(ndim))
+    if isinstance(dim, int):
+        dim = [dim]
+    dim = list(dim)
+    if not dim:
+        return tuple(range(ndim))
+    return tuple(sorted({d % max(ndim, 1) for d in dim}))
+
+
+def all_dims(ndim: int) -> tuple[int, ...]:
+    return tuple(range(ndim))
+
+
+def scalar_is_zero(v: Any) -> bool:
+    """A python scalar (or a 0-d tensor constant) that is exactly zero."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and bool(v.reshape(()) == 0)
+    if isinstance(v, bool):
+        return v is False
+    return isinstance(v, (int, float)) and v == 0
+
+
+def nonneg_masks(
+    op: Callable[..., torch.Tensor],
+    call: Call,
+    names: Iterable[str],
+    *,
+    override: Mapping[str, Any] | None = None,
+    used: Mask | None = None,
+) -> tuple[Mask, dict[str, Mask]]:
+    """Run ``op`` (by schema kwargs) with the named tensor args replaced by 0/1 float masks.
+
+    ``override`` replaces other arguments (e.g. ``bias=None``). Returns the forward mask (output
+    can be nonzero) and, per named arg, the elements that reach an element kept in ``used``
+    (default ``call.out``). Sound and exact for ops that are sums of products of the named
+    args with positive coefficients.
+    """
+    names = list(names)
+    kwargs: dict[str, Any] = {}
+    for k, v in call.params.items():
+        kwargs[k] = v
+    for k, v in call.inputs.items():
+        if k not in names and v is not None and k not in kwargs:
+            kwargs[k] = None
+    kwargs.update(override or {})
+    used = call.out if used is None else used
+    with torch.inference_mode(False), torch.enable_grad():
+        leaves = {
+            n: call.inputs[n].to(torch.float32, copy=True).requires_grad_(True) for n in names
+        }
+        kwargs.update(leaves)
+        y = op(**kwargs)
+        fwd = y.detach() > 0
+        grads = torch.autograd.grad(
+            (y * used.to(y.dtype)).sum(), [leaves[n] for n in names], allow_unused=True
+        )
+    back = {
+        n: (g > 0) if g is not None else full(leaves[n].shape, False) for n, g in zip(names, grads)
+    }
+    return fwd, back
