@@ -15,6 +15,7 @@ from sparta.kernels import triton_sddmm, triton_spmm
 from sparta.tesa import block_any
 
 from .cache import cache_key
+from .triton_launch import Launcher
 from .triton_load import device_name, inspect_source, load_kernel
 from .triton_pack import block_tile, kept_tiles, mask_digest
 
@@ -69,7 +70,8 @@ class SDDMM(torch.nn.Module):
         )
         self.key = cache_key("triton-sddmm", mask_digest(pattern), block, dtype,
                              device_name(torch.device(device)))  # fmt: skip
-        self._kernel = load_kernel(self.source, triton_sddmm.KERNEL_NAME, dtype)
+        kernel = load_kernel(self.source, triton_sddmm.KERNEL_NAME, dtype)
+        self._launcher = Launcher(kernel, n_constexpr=1, out_index=2)
         desc = f"sddmm block={block} tile={self.tile} kept_tiles={self.n_kept}/{self.n_tiles}"
         inspect_source(self.source, node=node, pattern=desc, key=self.key)
 
@@ -83,11 +85,10 @@ class SDDMM(torch.nn.Module):
         nb, k = a3.shape[0], a3.shape[-1]
         c = torch.empty((nb, self.m, self.n), dtype=self.dtype, device=a.device)
         if nb and self.n_tiles:
-            self._kernel[(self.n_tiles, nb)](
-                a3, b3, c, self.ti, self.tj, self.kb, self.n_kept, self.m, self.n, k,
-                a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1),
-                b3.stride(2), c.stride(0), c.stride(1), BK=self.bk, num_warps=4, num_stages=3,
-            )  # fmt: skip
+            args = (a3, b3, c, self.ti, self.tj, self.kb, self.n_kept, self.m, self.n, k,
+                    a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1),
+                    b3.stride(2), c.stride(0), c.stride(1), self.bk)  # fmt: skip
+            self._launcher.launch((self.n_tiles, nb, 1), args, 4, 3)
         return c.view(*batch, self.m, self.n)
 
 
@@ -110,7 +111,8 @@ class SparseInputMatmul(torch.nn.Module):
         self.source = triton_spmm.render(tile=self.tile, dtype=dtype)
         self.key = cache_key("triton-spmm", mask_digest(pattern), block, dtype,
                              device_name(torch.device(device)))  # fmt: skip
-        self._kernel = load_kernel(self.source, triton_spmm.KERNEL_NAME, dtype)
+        kernel = load_kernel(self.source, triton_spmm.KERNEL_NAME, dtype)
+        self._launcher = Launcher(kernel, n_constexpr=1, out_index=2)
         desc = f"sparse-input block={block} tile={self.tile} kept_tiles={int(counts.sum())}"
         inspect_source(self.source, node=node, pattern=desc, key=self.key)
 
@@ -126,9 +128,8 @@ class SparseInputMatmul(torch.nn.Module):
         bn = min(128, max(16, 1 << max(0, n - 1).bit_length()))
         if nb and n and self.m:
             grid = (self.n_row_tiles, -(-n // bn), nb)
-            self._kernel[grid](
-                p3, v3, c, self.tile_ptr, self.kidx, self.m, n, self.k,
-                p3.stride(0), p3.stride(1), p3.stride(2), v3.stride(0), v3.stride(1),
-                v3.stride(2), c.stride(0), c.stride(1), BN=bn, num_warps=4, num_stages=3,
-            )  # fmt: skip
+            args = (p3, v3, c, self.tile_ptr, self.kidx, self.m, n, self.k,
+                    p3.stride(0), p3.stride(1), p3.stride(2), v3.stride(0), v3.stride(1),
+                    v3.stride(2), c.stride(0), c.stride(1), bn)  # fmt: skip
+            self._launcher.launch(grid, args, 4, 3)
         return c.view(*batch, self.m, n)

@@ -22,6 +22,7 @@ from sparta.kernels.triton_common import ACTIVATIONS
 
 from .cache import cache_key, debug_level
 from .triton_attn import SDDMM, SparseInputMatmul
+from .triton_launch import Launcher
 from .triton_load import available, device_name, inspect_source, interpreting, load_kernel
 from .triton_pack import PackedLinear, TilePlan, mask_digest, pack_linear, plan_tiles
 from .triton_tune import INTERPRETER_CONFIG, LinearConfig, time_ms, tuned_config
@@ -90,7 +91,9 @@ class BlockSparseLinear(torch.nn.Module):
         self.register_buffer("kidx", packed.kidx, persistent=False)
         self.register_buffer("cols", packed.cols, persistent=False)
         self.register_buffer("bias", packed.bias, persistent=False)
-        self._kernel = load_kernel(source, triton_bsmm.KERNEL_NAME, packed.slabs.dtype)
+        self._bias_arg = packed.bias if packed.bias is not None else packed.slabs
+        kernel = load_kernel(source, triton_bsmm.KERNEL_NAME, packed.slabs.dtype)
+        self._launcher = Launcher(kernel, n_constexpr=1, out_index=6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -107,12 +110,10 @@ class BlockSparseLinear(torch.nn.Module):
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m:
             bm, warps, stages = self.config.launch(m)
-            grid = (self.n_tiles, -(-m // bm))
-            bias = self.bias if self.bias is not None else self.slabs
-            self._kernel[grid](
-                x2, self.slabs, self.tile_ptr, self.kidx, self.cols, bias, y,
-                m, x2.stride(0), n, BLOCK_M=bm, num_warps=warps, num_stages=stages,
-            )  # fmt: skip
+            grid = (self.n_tiles, -(-m // bm), 1)
+            args = (x2, self.slabs, self.tile_ptr, self.kidx, self.cols, self._bias_arg, y,
+                    m, n, x2.stride(0), n, bm)  # fmt: skip
+            self._launcher.launch(grid, args, warps, stages)
         return y.view(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
@@ -145,7 +146,7 @@ def _make_linear(weight, mask, bias, activation, plan, config, *, key) -> BlockS
     n, k = weight.shape
     source = triton_bsmm.render(
         bn=plan.bn, bk=plan.bk, k=k, dtype=weight.dtype, has_bias=bias is not None,
-        activation=activation,
+        activation=activation, unit=plan.unit,
     )  # fmt: skip
     packed = pack_linear(weight, mask, bias, plan)
     return BlockSparseLinear(

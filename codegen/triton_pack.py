@@ -76,9 +76,10 @@ class TilePlan:
 
     bn: int
     bk: int
-    rows: torch.Tensor  # (n_tiles * bn,) int64 source row per packed row, -1 = padding
+    rows: torch.Tensor  # (n_tiles * bn,) int64 source row per packed row, >= N = padding
     tile_chunks: torch.Tensor  # (n_tiles, kc) bool
     clustered: bool
+    unit: int = 1  # packed rows come in aligned runs of ``unit`` contiguous output columns
 
     @property
     def n_tiles(self) -> int:
@@ -94,15 +95,25 @@ class TilePlan:
 
 
 def _plan_from_tiles(chunks: torch.Tensor, tiles: list[list[int]], g: int, bn: int) -> TilePlan:
-    rows = torch.full((len(tiles), bn), -1, dtype=torch.int64)
+    """Packed rows per tile; empty slots get virtual rows (>= N, never stored) so that every
+    aligned run of ``g`` packed rows maps to ``g`` contiguous output columns."""
+    n_units = chunks.shape[0] // g
+    per_tile = bn // g
+    rows = torch.empty(len(tiles), bn, dtype=torch.int64)
     tc = torch.zeros(len(tiles), chunks.shape[1], dtype=torch.bool)
+    spare = n_units
     for t, units in enumerate(tiles):
-        r = torch.cat([torch.arange(u * g, u * g + g) for u in units])
-        rows[t, : len(r)] = r
-        tc[t] = chunks[r].any(dim=0)
+        for slot in range(per_tile):
+            if slot < len(units):
+                u = units[slot]
+            else:
+                u, spare = spare, spare + 1
+            rows[t, slot * g : slot * g + g] = torch.arange(u * g, u * g + g)
+        real = torch.cat([torch.arange(u * g, u * g + g) for u in units])
+        tc[t] = chunks[real].any(dim=0)
     # Heaviest tiles first: better balance over the waves of the grid.
     order = torch.argsort(tc.sum(dim=1), descending=True, stable=True)
-    return TilePlan(0, 0, rows[order].flatten(), tc[order], False)
+    return TilePlan(0, 0, rows[order].flatten(), tc[order], False, g)
 
 
 def plan_tiles(mask: torch.Tensor, bn: int, bk: int, cluster: bool = True) -> TilePlan:
@@ -128,7 +139,6 @@ def plan_tiles(mask: torch.Tensor, bn: int, bk: int, cluster: bool = True) -> Ti
             alt.clustered = True
             best = alt
     best.bn, best.bk = bn, bk
-    best.rows[best.rows >= n] = -1
     return best
 
 
@@ -139,7 +149,7 @@ class PackedLinear:
     slabs: torch.Tensor  # (n_slabs, bn, bk) weight dtype
     tile_ptr: torch.Tensor  # (n_tiles + 1,) int32
     kidx: torch.Tensor  # (n_slabs,) int32 chunk index per slab
-    cols: torch.Tensor  # (n_tiles * bn,) int32 output column per packed row, -1 = padding
+    cols: torch.Tensor  # (n_tiles * bn,) int32 output column per packed row, >= N = padding
     bias: torch.Tensor | None  # (n_tiles * bn,) packed bias
 
 
@@ -154,7 +164,7 @@ def pack_linear(
     w = torch.zeros(plan.n_tiles * bn + 1, kc * bk, dtype=weight.dtype, device=dev)
     w[:n, :k] = weight.detach() * mask.to(dev)
     rows = plan.rows.to(dev)
-    src = torch.where(rows >= 0, rows, torch.full_like(rows, w.shape[0] - 1))
+    src = torch.where(rows < n, rows, torch.full_like(rows, w.shape[0] - 1))
     wp = w[src].view(plan.n_tiles, bn, kc, bk).permute(0, 2, 1, 3)
     active = plan.tile_chunks.to(dev)
     # One trailing zero slab / index so that no table is empty (an all-pruned mask).
@@ -167,7 +177,7 @@ def pack_linear(
     packed_bias = None
     if bias is not None:
         b = torch.cat([bias.detach().to(dev), bias.new_zeros(1, device=dev)])
-        packed_bias = b[torch.where(rows >= 0, rows, torch.full_like(rows, n))].contiguous()
+        packed_bias = b[torch.where(rows < n, rows, torch.full_like(rows, n))].contiguous()
     return PackedLinear(
         slabs=slabs,
         tile_ptr=tile_ptr.to(dev),

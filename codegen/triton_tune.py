@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from .cache import cache_key, cached_file
+from .cache import cache_key, cached_file, debug_level
 from .triton_pack import TilePlan, plan_tiles
 
 SMALL_M = 512  # forward() uses the small-M launch config at or below this many tokens
@@ -83,6 +84,9 @@ def sweep(plans: list[TilePlan], timer: Timer, top: int = 3) -> LinearConfig:
             if launch[0] * plan.bn > 256 * 128:
                 continue
             t = timer(plan, TUNE_M[0], launch)
+            if debug_level() >= 1:
+                print(f"sparta tune {plan.bn}x{plan.bk} slabs={plan.n_slabs} "
+                      f"launch={launch} M={TUNE_M[0]}: {t:.4f} ms", file=sys.stderr)  # fmt: skip
             if best is None or t < best[0]:
                 best = (t, plan, launch)
     if best is None or not math.isfinite(best[0]):

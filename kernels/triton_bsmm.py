@@ -6,7 +6,8 @@ where some row of the tile keeps a weight are listed (``tile_ptr``/``kidx``, CSR
 the weight of each listed (tile, chunk) is stored as one dense ``[BN, BK]`` slab (zeros where
 pruned). A program computes a ``[BLOCK_M, BN]`` output tile with one ``tl.dot`` per listed
 chunk, adds the bias, applies the activation and scatters the tile's columns back through the
-permutation (``cols``; -1 marks padding rows). A tile with no chunk writes act(bias) only.
+permutation (``cols``; values >= N mark padding rows; aligned runs of ``unit`` columns
+are contiguous, which keeps the stores vectorised). A tile with no chunk writes act(bias) only.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ KERNEL_NAME = "sparta_bsmm_kernel"
 _TEMPLATE = """
 @triton.jit(do_not_specialize=["M"])
 def {name}(x_ptr, w_ptr, tile_ptr, kidx_ptr, cols_ptr, bias_ptr, y_ptr,
-           M, stride_xm, stride_ym, BLOCK_M: tl.constexpr):
-    # specialised: BN={bn} BK={bk} K={k} dtype={tl_dtype} bias={has_bias} act={act}
+           M, N, stride_xm, stride_ym, BLOCK_M: tl.constexpr):
+    # specialised: BN={bn} BK={bk} K={k} dtype={tl_dtype} bias={has_bias} act={act} unit={unit}
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     start = tl.load(tile_ptr + pid_n)
@@ -39,8 +40,9 @@ def {name}(x_ptr, w_ptr, tile_ptr, kidx_ptr, cols_ptr, bias_ptr, y_ptr,
         b = tl.load(w_tile + j * {slab})
         acc = tl.dot(a, b, acc)
     cols = tl.load(cols_ptr + pid_n * {bn} + offs_n)
+    cols = tl.max_contiguous(tl.multiple_of(cols, {unit}), {unit})
 {epilogue}    y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + cols[None, :]
-    tl.store(y, acc.to({tl_dtype}), mask=m_ok[:, None] & (cols[None, :] >= 0))
+    tl.store(y, acc.to({tl_dtype}), mask=m_ok[:, None] & (cols[None, :] < N))
 """
 
 _X_EVEN = "        a = tl.load(x_rows + k[None, :], mask=m_ok[:, None], other=0.0)"
@@ -51,7 +53,14 @@ _BIAS = "    acc += tl.load(bias_ptr + pid_n * {bn} + offs_n).to(tl.float32)[Non
 
 
 def render(
-    *, bn: int, bk: int, k: int, dtype: torch.dtype, has_bias: bool, activation: str | None
+    *,
+    bn: int,
+    bk: int,
+    k: int,
+    dtype: torch.dtype,
+    has_bias: bool,
+    activation: str | None,
+    unit: int = 1,
 ) -> str:
     """Triton source of the kernel specialised to one tile shape, K, dtype and epilogue."""
     epilogue = (_BIAS.format(bn=bn) if has_bias else "") + activation_src(activation, 4)
@@ -64,6 +73,7 @@ def render(
         tl_dtype=TL_DTYPE[dtype],
         has_bias=has_bias,
         act=activation,
+        unit=unit,
         x_load=(_X_EVEN if k % bk == 0 else _X_EDGE).format(k=k),
         epilogue=epilogue,
     )

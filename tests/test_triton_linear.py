@@ -25,6 +25,7 @@ pytestmark = pytest.mark.skipif(not tg.available(DEVICE), reason="Triton cannot 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = list(TOL)
 SMALL = tg.LinearConfig(bn=32, bk=32, block_m=32, small_block_m=16)
+GPU = tg.LinearConfig(bn=64, bk=64, block_m=128, small_block_m=64)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -120,9 +121,10 @@ def test_plan_covers_every_kept_element(seed):
     for bn, bk in [(16, 16), (32, 16), (64, 32)]:
         plan = plan_tiles(mask, bn, bk)
         rows = plan.rows.view(plan.n_tiles, bn)
-        assert sorted(r for r in plan.rows.tolist() if r >= 0) == list(range(n))
+        assert sorted(r for r in plan.rows.tolist() if r < n) == list(range(n))
+        assert len(set(plan.rows.tolist())) == len(plan.rows)
         for t in range(plan.n_tiles):
-            real = rows[t][rows[t] >= 0]
+            real = rows[t][rows[t] < n]
             need = torch.zeros(plan.tile_chunks.shape[1], dtype=torch.bool)
             for c in mask[real].any(dim=0).nonzero().flatten().tolist():
                 need[c // bk] = True
@@ -164,5 +166,14 @@ def test_gpu_large(dtype, density, act):
     if DEVICE.type != "cuda":
         pytest.skip("needs a CUDA GPU")
     for m in (1, 300, 1000):
-        check(1000, 776, m, density, dtype, act=act, block=(32, 32), config=None)
-    check(768, 3000, 257, density, dtype, act=act, config=None)
+        check(1000, 776, m, density, dtype, act=act, block=(32, 32), config=GPU)
+    check(768, 3000, 257, density, dtype, act=act, config=GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("density", [0.05, 0.5])
+def test_gpu_tuned(density):
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    for m in (1, 700, 5000):
+        check(1024, 1000, m, density, torch.float16, act="relu", block=(32, 32), config=None)
