@@ -1,18 +1,33 @@
-"""SparTA-py: a graph-level sparsity compiler for PyTorch."""
+"""SparTA-py: a graph-level sparsity compiler for PyTorch.
 
-from .errors import AttrError, MissingRuleError, SpartaError, TraceError
+    report = sparta.propagate(model, attrs, example_inputs)
+    compiled = sparta.compile(model, attrs, example_inputs)
+"""
+
+from .compile import CompiledModel, compile
+from .errors import AttrError, BackendError, MissingRuleError, PlanError, SpartaError, TraceError
+from .propagate import propagate
 from .registry import Call, Refined, refine, register_rule, unregister_rule
+from .report import Report
+from .soundness import check_soundness
 from .tesa import Pattern, TeSA
 
 __all__ = [
     "AttrError",
+    "BackendError",
     "Call",
+    "CompiledModel",
     "MissingRuleError",
     "Pattern",
+    "PlanError",
     "Refined",
+    "Report",
     "SpartaError",
     "TeSA",
     "TraceError",
+    "check_soundness",
+    "compile",
+    "propagate",
     "refine",
     "register_rule",
     "unregister_rule",

@@ -199,10 +199,12 @@ class Engine:
             if isinstance(out_v, torch.Tensor)
             else tuple(getattr(t, "dtype", None) for t in out_v)
         )
+        # Size arguments computed in the graph (SymInts) enter rules as their example values.
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self._concrete)
         call = make_call(
             op,
-            n.args,
-            n.kwargs,
+            args,
+            kwargs,
             outputs,
             mask_of=lambda a: self.mask.get(a) if isinstance(a, fx.Node) else None,
             dtype_of=lambda a: (
@@ -219,6 +221,10 @@ class Engine:
         check_refined(call, refined, entry.name)
         self.rules[n] = entry.name
         return refined
+
+    def _concrete(self, a: fx.Node) -> Any:
+        v = self.values.get(a)
+        return a if _tensor_like(v) else v
 
     def _no_rule(self, n: fx.Node, call: registry.Call) -> Refined:
         if self.strict:
