@@ -5,8 +5,11 @@ The model and the rule below are the example of docs/custom_ops.md (keep them in
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +147,19 @@ def test_infer_directly_on_a_call_matches_the_rule() -> None:
     want = scaled_relu_rule(call)
     assert torch.equal(got.outputs[0], want.outputs[0])
     assert torch.equal(got.inputs["x"] & xm, want.inputs["x"] & xm)
+
+
+def test_docs_example_runs_as_written() -> None:
+    """docs/custom_ops.md's first code block, run as is in a fresh interpreter."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "custom_ops.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    check = (
+        "\nwant = torch.ones(4, 8, dtype=torch.bool); want[:, :3] = False; want[:, 5:] = False"
+        "\nassert torch.equal(report.mask('x'), want), report.mask('x')"
+        "\nassert torch.equal(report.mask('scaled_relu'), want)"
+        "\nassert report.node('scaled_relu').rule == 'scaled_relu_rule'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code + check], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
