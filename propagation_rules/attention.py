@@ -73,7 +73,10 @@ def _select(call: Call, cond: str, a: str, b: str) -> Refined:
     back = {
         a: out & may_t,
         b: out & may_f,
-        cond: out & (a_nz | b_nz),  # if both sides are zero the choice does not matter
+        # If both sides are zero the choice does not matter. Where this rule claims a zero that
+        # rests on the choice, the condition stays used even if the output is not: pruning it
+        # (forcing False) would pick the other side and break the claim.
+        cond: (out | ~fwd) & (a_nz | b_nz),
     }
     back = {n: broadcast_back(v, call.inputs[n].shape) for n, v in back.items()
             if is_mask(call.inputs.get(n))}  # fmt: skip
@@ -151,6 +154,8 @@ def sdpa(call: Call) -> Refined:
         "value": broadcast_back(v_used, v.shape),
     }
     m = call.inputs.get("attn_mask")
-    if is_mask(m):
+    if is_mask(m) and call.dtypes.get("attn_mask") != torch.bool:
+        # An additive mask is used where its row is. A boolean one is kept whole: pruning it
+        # (forcing False) could mask every key of a row, which gives NaN.
         back["attn_mask"] = broadcast_back(row.expand(batch + (L, S)), m.shape)
     return refine(out=fwd, **back)

@@ -121,11 +121,14 @@ def mul(call: Call) -> Refined:
 
 @register_rule(*_ops("div", "true_divide", "floor_divide", "fmod", "remainder"))
 def div(call: Call) -> Refined:
-    """Zero where the dividend is zero. The divisor is never pruned (x/0 is not finite)."""
+    """Zero where the dividend is zero and the divisor is not (0/0 is NaN). The divisor is never
+    pruned backward (x/0 is not finite)."""
     a = _nz(call, "self")
     if isinstance(a, bool):
         return Refined()  # a scalar dividend
-    return refine(out=a, self=_back(call, "self", True))
+    d = _nz(call, "other")
+    fwd = a | ~d if is_mask(d) else (a if d else None)
+    return refine(out=fwd, self=_back(call, "self", True))
 
 
 @register_rule(aten.pow)

@@ -143,7 +143,9 @@ def embedding(call: Call) -> Refined:
             0, idx.reshape(-1), flat.float()
         )
         w_used = count > 0
-    ids_used = (out & col_nz).any(dim=-1).reshape(ids.shape)
+    # An index is used where it selects a kept output, or a claimed zero that another row
+    # (index 0, if it were pruned) would not give.
+    ids_used = ((out | ~fwd) & col_nz).any(dim=-1).reshape(ids.shape)
     return refine(out=fwd, weight=w_used, indices=ids_used)
 
 
@@ -161,7 +163,8 @@ def index_select(call: Call) -> Refined:
         fwd = x.index_select(dim, idx.reshape(-1))
         z = torch.zeros(x.shape, dtype=torch.float32)
         back = z.index_add_(dim, idx.reshape(-1), out.float()) > 0
-    lines = out.movedim(dim, 0).reshape(out.shape[dim], -1).any(dim=1)
+    sel = out | ~fwd if idx is not None else out  # a claimed zero rests on the index too
+    lines = sel.movedim(dim, 0).reshape(out.shape[dim], -1).any(dim=1)
     return refine(out=fwd, self=back, index=lines.reshape(call.inputs["index"].shape))
 
 
@@ -182,7 +185,7 @@ def gather(call: Call) -> Refined:
         fwd = x.any(dim=dim, keepdim=True)[within].expand(out.shape)
         back = full(x.shape, False)
         back[within] = out.any(dim=dim, keepdim=True).expand(back[within].shape)
-    return refine(out=fwd, self=back, index=out)
+    return refine(out=fwd, self=back, index=out | ~fwd if idx is not None else out)
 
 
 @register_rule(aten.index.Tensor)

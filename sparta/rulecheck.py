@@ -21,7 +21,7 @@ import torch
 from .calls import bound_arguments, check_refined, make_call, tensor_arg_names
 from .registry import Call, Mask, Refined, lookup
 
-__all__ = ["TOLERANCE", "check_rule", "run_rule"]
+__all__ = ["DEFAULT_SAMPLERS", "TOLERANCE", "check_rule", "positive", "run_rule"]
 
 # (rtol, atol) by dtype, for comparing outputs before and after pruning what a rule says is unused.
 TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
@@ -32,6 +32,15 @@ TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
 }
 
 Sampler = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def positive(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Values in [0.5, 1.5): for variances and other arguments that must be positive."""
+    return (torch.rand(v.shape, generator=gen, dtype=torch.float64) + 0.5).to(v.dtype)
+
+
+# Arguments that must be positive for the op to be finite, by schema name.
+DEFAULT_SAMPLERS: dict[str, Sampler] = {"running_var": positive}
 
 
 def _flatten_out(y: Any) -> tuple[torch.Tensor | None, ...]:
@@ -137,14 +146,6 @@ def _apply(x: Any, mask: Any) -> Any:
     return x & mask if x.dtype == torch.bool else x * mask.to(x.dtype)
 
 
-def _and(a: Any, b: Any) -> Any:
-    if isinstance(a, tuple):
-        return tuple(_and(x, y) for x, y in zip(a, b or (None,) * len(a)))
-    if a is None or b is None:
-        return a
-    return a & b
-
-
 def _first_index(bad: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in bad.nonzero()[0])
 
@@ -192,7 +193,7 @@ def check_rule(
             if n in const_args:
                 base[n] = _apply(bound[n], call.inputs[n])
             else:
-                s = (samplers or {}).get(n)
+                s = {**DEFAULT_SAMPLERS, **(samplers or {})}.get(n)
                 base[n] = _sample(bound[n], call.inputs[n], gen, s)
         y0 = _run(op, base, names, seed + t)
         both = dict(base)

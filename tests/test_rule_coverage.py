@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from models import MODELS
@@ -10,10 +12,11 @@ import sparta.propagation_rules  # noqa: F401  (registers the rules)
 from sparta.registry import lookup
 
 
-def graph_targets(name: str) -> set:
+@functools.cache
+def graph_targets(name: str) -> frozenset:
     model, args = MODELS[name]()
     ep = torch.export.export(model.eval(), args)
-    return {n.target for n in ep.graph_module.graph.nodes if n.op == "call_function"}
+    return frozenset(n.target for n in ep.graph_module.graph.nodes if n.op == "call_function")
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
