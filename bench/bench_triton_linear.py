@@ -103,7 +103,7 @@ def point(shape, sparsity, block, peak, bw) -> dict:
     dens = 1 - sparsity
     floor_ms = max(2 * m * n * k * dens / peak, 2 * (m * k + n * k * dens + m * n) / bw) * 1e3
     c = mod.config
-    tile = f"{c.bn}x{c.bk} m{c.block_m}w{c.warps}s{c.stages}"
+    tile = f"{c.bn}x{c.bk}{'T' if c.swap else ''} m{c.block_m}w{c.warps}s{c.stages}"
     return dict(shape=shape, s=sparsity, block=block, dense=dense, ours=ours, bsr=bsr, err=err,
                 floor=floor_ms, build=build_s, tile=tile, stored=mod.kept_fraction)  # fmt: skip
 
@@ -170,7 +170,9 @@ def bert_compile() -> tuple[float, float]:
         out = []
         for _ in range(2):
             r = subprocess.run([sys.executable, "-c", BERT_CHILD], env=env, capture_output=True,
-                               text=True, check=True)  # fmt: skip
+                               text=True, cwd=d)  # fmt: skip
+            if r.returncode:
+                raise RuntimeError(f"BERT compile child failed:\n{r.stderr[-3000:]}")
             out.append(float(r.stdout.split("BUILD_S")[1].split()[0]))
         return out[0], out[1]
 

@@ -92,8 +92,14 @@ class BlockSparseLinear(torch.nn.Module):
         self.register_buffer("cols", packed.cols, persistent=False)
         self.register_buffer("bias", packed.bias, persistent=False)
         self._bias_arg = packed.bias if packed.bias is not None else packed.slabs
-        kernel = load_kernel(source, triton_bsmm.KERNEL_NAME, packed.slabs.dtype)
-        self._launcher = Launcher(kernel, n_constexpr=1, out_index=6)
+        dt = packed.slabs.dtype
+        self._launchers = {
+            swap: Launcher(load_kernel(source, name, dt), n_constexpr=1, out_index=6)
+            for swap, name in (
+                (False, triton_bsmm.KERNEL_NAME),
+                (True, triton_bsmm.KERNEL_NAME + "_t"),
+            )
+        }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -109,17 +115,17 @@ class BlockSparseLinear(torch.nn.Module):
         m = x2.shape[0]
         y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         if m:
-            bm, warps, stages = self.config.launch(m)
+            swap, bm, warps, stages = self.config.launch(m)
             grid = (self.n_tiles, -(-m // bm), 1)
             args = (x2, self.slabs, self.tile_ptr, self.kidx, self.cols, self._bias_arg, y,
                     m, n, x2.stride(0), n, bm)  # fmt: skip
-            self._launcher.launch(grid, args, warps, stages)
+            self._launchers[swap].launch(grid, args, warps, stages)
         return y.view(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
         c = self.config
         return (
-            f"in={self.in_features}, out={self.out_features}, tile={c.bn}x{c.bk}, "
+            f"in={self.in_features}, out={self.out_features}, tile={c.bn}x{c.bk}, swap={c.swap}, "
             f"tiles={self.n_tiles}, slabs={self.n_slabs}, kept={self.kept_fraction:.3f}"
         )
 
@@ -127,10 +133,8 @@ class BlockSparseLinear(torch.nn.Module):
 def _linear_timer(weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
     """Timer for the tuning sweep: real kernels on random data of the target device."""
 
-    def timer(plan: TilePlan, m: int, launch: tuple[int, int, int]) -> float:
-        cfg = LinearConfig(bn=plan.bn, bk=plan.bk, block_m=launch[0], warps=launch[1],
-                           stages=launch[2], small_block_m=launch[0], small_warps=launch[1],
-                           small_stages=launch[2])  # fmt: skip
+    def timer(plan: TilePlan, m: int, launch: tuple[bool, int, int, int]) -> float:
+        cfg = LinearConfig.single(plan.bn, plan.bk, launch)
         mask = torch.ones_like(weight, dtype=torch.bool)  # plan fixes the structure
         try:
             mod = _make_linear(weight, mask, bias, activation, plan, cfg, key="tuning")

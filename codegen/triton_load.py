@@ -40,8 +40,8 @@ def available(device: torch.device | str) -> bool:
     except ImportError:
         return False
     dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.is_available()
+    if dev.type == "cuda":  # the interpreter does not run kernels on CUDA tensors
+        return torch.cuda.is_available() and not interpreting()
     return dev.type == "cpu" and interpreting()
 
 

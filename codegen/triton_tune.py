@@ -29,8 +29,15 @@ PACK_CANDIDATES = ((128, 64), (128, 32), (64, 64), (64, 32), (32, 32))
 # Relative cost of one slab element, by tile shape (smaller tiles feed the tensor cores worse).
 _EFF = {128: 1.0, 64: 1.1, 32: 1.6}
 _EFF_K = {64: 1.0, 32: 1.15}
-LARGE_LAUNCH = ((128, 4, 4), (128, 8, 3), (256, 8, 3), (64, 4, 4))
-SMALL_LAUNCH = ((64, 4, 4), (32, 4, 4), (128, 4, 3))
+# (features-as-rows orientation, BLOCK_M tokens, warps, stages)
+Launch = tuple[bool, int, int, int]
+LARGE_LAUNCH: tuple[Launch, ...] = (
+    (False, 128, 4, 4),
+    (False, 256, 8, 3),
+    (True, 256, 8, 3),
+    (True, 128, 4, 4),
+)
+SMALL_LAUNCH: tuple[Launch, ...] = ((False, 64, 4, 4), (True, 64, 4, 4), (False, 32, 4, 4))
 
 
 @dataclass(frozen=True)
@@ -43,14 +50,22 @@ class LinearConfig:
     block_m: int = 128
     warps: int = 4
     stages: int = 3
+    swap: bool = False
     small_block_m: int = 64
     small_warps: int = 4
     small_stages: int = 3
+    small_swap: bool = False
 
-    def launch(self, m: int) -> tuple[int, int, int]:
+    def launch(self, m: int) -> Launch:
         if m <= SMALL_M:
-            return self.small_block_m, self.small_warps, self.small_stages
-        return self.block_m, self.warps, self.stages
+            return self.small_swap, self.small_block_m, self.small_warps, self.small_stages
+        return self.swap, self.block_m, self.warps, self.stages
+
+    @staticmethod
+    def single(bn: int, bk: int, launch: Launch, cluster: bool = True) -> LinearConfig:
+        """One launch config for every token count (used while measuring)."""
+        swap, bm, warps, stages = launch
+        return LinearConfig(bn, bk, cluster, bm, warps, stages, swap, bm, warps, stages, swap)
 
 
 INTERPRETER_CONFIG = LinearConfig(bn=32, bk=32, block_m=32, small_block_m=16)
@@ -73,15 +88,15 @@ def _class_signature(plans: list[TilePlan], mask: torch.Tensor) -> str:
     return ",".join(parts)
 
 
-Timer = Callable[[TilePlan, int, tuple[int, int, int]], float]
+Timer = Callable[[TilePlan, int, Launch], float]
 
 
 def sweep(plans: list[TilePlan], timer: Timer, top: int = 3) -> LinearConfig:
     """Measure the ``top`` modelled plans at large M, then launch configs at small M."""
-    best: tuple[float, TilePlan, tuple[int, int, int]] | None = None
+    best: tuple[float, TilePlan, Launch] | None = None
     for plan in plans[:top]:
         for launch in LARGE_LAUNCH:
-            if launch[0] * plan.bn > 256 * 128:
+            if launch[1] * plan.bn > 256 * 128 or (launch[0] and plan.bn < 64):
                 continue
             t = timer(plan, TUNE_M[0], launch)
             if debug_level() >= 1:
@@ -92,17 +107,10 @@ def sweep(plans: list[TilePlan], timer: Timer, top: int = 3) -> LinearConfig:
     if best is None or not math.isfinite(best[0]):
         raise RuntimeError("no tile configuration could be compiled and run for this mask")
     _, plan, large = best
-    small = min(SMALL_LAUNCH, key=lambda launch: timer(plan, TUNE_M[1], launch))
+    smalls = [s for s in SMALL_LAUNCH if not (s[0] and plan.bn < 64)]
+    small = min(smalls, key=lambda launch: timer(plan, TUNE_M[1], launch))
     return LinearConfig(
-        bn=plan.bn,
-        bk=plan.bk,
-        cluster=plan.clustered,
-        block_m=large[0],
-        warps=large[1],
-        stages=large[2],
-        small_block_m=small[0],
-        small_warps=small[1],
-        small_stages=small[2],
+        plan.bn, plan.bk, plan.clustered, *large[1:], large[0], *small[1:], small[0]
     )
 
 
@@ -140,6 +148,6 @@ def time_ms(fn: Callable[[], object]) -> float:
     import triton.testing
 
     try:
-        return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=3, rep=12, return_mode="median"))
     except Exception:  # a config that does not compile or fit (out of shared memory)
         return float("inf")

@@ -8,24 +8,26 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+# On a GPU machine run with TRITON_INTERPRET=0 for compiled kernels (the gpu-marked tests).
 
 import pytest
 
 pytest.importorskip("triton")
 
 from sparta.codegen import triton_gen as tg  # noqa: E402
+from sparta.codegen.triton_load import interpreting  # noqa: E402
 from sparta.codegen.triton_pack import plan_tiles  # noqa: E402
 from sparta.errors import BackendError  # noqa: E402
 from sparta.kernels import triton_bsmm  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() and not interpreting() else "cpu")
 pytestmark = pytest.mark.skipif(not tg.available(DEVICE), reason="Triton cannot run here")
 
 # Relative Frobenius error allowed per dtype (fp32 dots run as tf32 on GPU).
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = list(TOL)
 SMALL = tg.LinearConfig(bn=32, bk=32, block_m=32, small_block_m=16)
-GPU = tg.LinearConfig(bn=64, bk=64, block_m=128, small_block_m=64)
+GPU = tg.LinearConfig(bn=64, bk=64, block_m=256, warps=8, swap=True, small_block_m=64)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -87,10 +89,16 @@ def test_zero_mask_writes_activation_of_bias():
     assert torch.allclose(y, torch.nn.functional.gelu(b).expand(5, 33), atol=1e-5)
 
 
-@pytest.mark.parametrize("bn,bk", [(16, 16), (64, 16), (16, 64), (64, 32)])
-def test_tile_shapes_ragged_block_masks(bn, bk):
-    cfg = tg.LinearConfig(bn=bn, bk=bk, block_m=16, small_block_m=16)
+@pytest.mark.parametrize("bn,bk,swap", [(16, 16, 0), (64, 16, 1), (16, 64, 0), (64, 32, 1)])
+def test_tile_shapes_ragged_block_masks(bn, bk, swap):
+    cfg = tg.LinearConfig.single(bn, bk, (bool(swap), 16, 4, 3))
     check(100, 75, 20, 0.4, torch.float32, block=(8, 8), config=cfg, lead=(2,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_features_as_rows_orientation(dtype):
+    cfg = tg.LinearConfig.single(32, 16, (True, 16, 4, 3))
+    check(50, 70, 19, 0.5, dtype, act="gelu_tanh", config=cfg)
 
 
 def test_block_mask_with_32_blocks_and_default_config():
