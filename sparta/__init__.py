@@ -1,15 +1,17 @@
 """SparTA-py: a graph-level sparsity compiler for PyTorch.
 
-    report = sparta.propagate(model, attrs, example_inputs)
-    compiled = sparta.compile(model, attrs, example_inputs)
+report = sparta.propagate(model, attrs, example_inputs)
+compiled = sparta.compile(model, attrs, example_inputs)
 """
 
+from . import sparsifiers
 from .compile import CompiledModel, compile
 from .errors import AttrError, BackendError, MissingRuleError, PlanError, SpartaError, TraceError
 from .propagate import propagate
 from .registry import Call, Refined, refine, register_rule, unregister_rule
 from .report import Report
 from .soundness import check_soundness
+from .sparsify import masks_from, sparsify
 from .tesa import Pattern, TeSA
 
 __all__ = [
@@ -26,6 +28,9 @@ __all__ = [
     "TeSA",
     "TraceError",
     "check_soundness",
+    "masks_from",
+    "sparsifiers",
+    "sparsify",
     "compile",
     "propagate",
     "refine",

@@ -16,6 +16,7 @@ from .engine import Propagation, propagate_graph
 from .errors import AttrError
 from .flops import matmul_flops
 from .report import NodeEntry, Report, TensorEntry
+from .sparsify import plain_parameter_name
 from .tesa import TeSA, as_tesa, detect_pattern
 from .trace import Traced, trace
 
@@ -36,16 +37,6 @@ class Propagated:
         return self.result.masks.get(node)
 
 
-def _plain_name(name: str) -> str:
-    """``fc1.weight_orig`` / ``fc1.parametrizations.weight.original`` -> ``fc1.weight``."""
-    if name.endswith("_orig"):
-        return name[: -len("_orig")]
-    parts = name.split(".")
-    if len(parts) >= 3 and parts[-3] == "parametrizations" and parts[-1] == "original":
-        return ".".join(parts[:-3] + [parts[-2]])
-    return name
-
-
 def resolve_attrs(
     traced: Traced, attrs: Attrs
 ) -> tuple[dict[str, TeSA], dict[fx.Node, torch.Tensor]]:
@@ -56,7 +47,13 @@ def resolve_attrs(
             f"{type(attrs).__name__}."
         )
     by_name: dict[str, fx.Node] = {**traced.params, **traced.inputs}
-    by_name.update({_plain_name(k): v for k, v in traced.params.items() if _plain_name(k) != k})
+    by_name.update(
+        {
+            plain_parameter_name(k): v
+            for k, v in traced.params.items()
+            if plain_parameter_name(k) != k
+        }
+    )
     given: dict[str, TeSA] = {}
     nodes: dict[fx.Node, torch.Tensor] = {}
     for name, value in attrs.items():
@@ -105,7 +102,7 @@ def build_report(
     given_by_node = {}
     for name, tesa in given.items():
         for n, (q, _) in names.items():
-            if q == name or _plain_name(q) == name:
+            if q == name or plain_parameter_name(q) == name:
                 given_by_node[n] = tesa
     tensors, masks = [], {}
     for n, (name, kind) in names.items():
