@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 
 from .errors import AttrError
-from .plan import Plan, make_plan
+from .plan import MATMULS, Plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
 from .report import Report
 from .shrink import LINEAR, SDPA, VIEWS, expand, feature_keep
@@ -96,8 +96,9 @@ class _Emitter:
                 self.env[n] = self._copy(n)
         # Same calling convention and output structure as the exported module.
         self.g._codegen = copy.deepcopy(traced.gm.graph._codegen)
-        self.g.eliminate_dead_code()  # drops the full-size weights that shrinking replaced
-        return fx.GraphModule(self.root, self.g)
+        gm = fx.GraphModule(self.root, self.g)
+        gm.graph.eliminate_dead_code()  # drops the full-size weights that shrinking replaced
+        return fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
 
     def _placeholder(self, n: fx.Node) -> fx.Node:
         ph = self.g.placeholder(n.name)
@@ -121,7 +122,8 @@ class _Emitter:
         self.root.add_module(name, choice.module)
         if choice.fused is not None:
             self.skip[choice.fused] = n
-        return self.g.call_module(name, (self.full(n.args[0]),))
+        operands = n.args[:2] if n.target in MATMULS else n.args[:1]
+        return self.g.call_module(name, tuple(self.full(a) for a in operands))
 
     def _shrunk_linear(self, n: fx.Node) -> fx.Node:
         """A smaller linear: kept output features only, compact input features if compact."""

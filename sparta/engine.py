@@ -20,6 +20,7 @@ import torch.fx as fx
 
 from . import registry
 from .calls import check_refined, make_call
+from .known import known_values, known_zeros
 from .registry import Mask, Refined
 from .trace import METADATA_OPS, Traced
 
@@ -73,6 +74,7 @@ class Engine:
         self.rules: dict[fx.Node, str] = {}
         self.inferred: list[str] = []
         self.rule_calls = 0
+        zeros = known_zeros(known_values(traced.gm, self.values, self.consts))
         for n in self.nodes:
             v = self.values[n]
             if n in given:
@@ -81,6 +83,8 @@ class Engine:
                 self.fwd[n] = self.consts[n] != 0  # known zeros of a constant are pruned
             else:
                 self.fwd[n] = _ones(v)
+            if n in zeros:  # fixed zeros, e.g. softmax over a constant -inf pattern
+                self.fwd[n] = self.fwd[n] & ~zeros[n]
         self._seed_uses()
         for n in self.nodes:
             self._recompute(n)
@@ -305,6 +309,6 @@ def propagate_graph(
 def _check_rules(traced: Traced) -> None:
     """Strict mode: fail before any work on the first op without a rule."""
     for n in traced.gm.graph.nodes:
-        if _is_op(n) and n.target not in METADATA_OPS and registry.lookup(n.target) is None:
-            if _tensor_like(traced.example.get(n)):
-                raise registry.missing_rule_error(n.target)
+        needs_rule = _is_op(n) and n.target not in METADATA_OPS
+        if needs_rule and registry.lookup(n.target) is None and _tensor_like(traced.example.get(n)):
+            raise registry.missing_rule_error(n.target)

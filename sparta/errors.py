@@ -1,4 +1,7 @@
-"""Every error SparTA-py raises. A message states the requirement, what was got, and how to fix it."""
+"""Every error SparTA-py raises.
+
+A message states the requirement, what was got, and how to fix it.
+"""
 
 from __future__ import annotations
 

@@ -73,6 +73,68 @@ def linear_nodes(p: Propagated) -> list[fx.Node]:
     ]
 
 
+MATMULS = {torch.ops.aten.matmul.default, torch.ops.aten.bmm.default}
+
+
+def matmul_nodes(p: Propagated) -> list[fx.Node]:
+    """Activation x activation products (attention scores, probabilities @ values)."""
+    return [
+        n
+        for n in p.traced.gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in MATMULS
+        and all(
+            isinstance(p.traced.example.get(a), torch.Tensor) and p.traced.example[a].dim() >= 3
+            for a in n.args[:2]
+        )
+    ]
+
+
+def _pattern2d(mask: torch.Tensor) -> torch.Tensor:
+    """Union over batch dims of a (..., R, C) mask."""
+    return mask.reshape(-1, *mask.shape[-2:]).any(dim=0)
+
+
+def _block_for(pattern: torch.Tensor) -> int:
+    p = detect_pattern(pattern)
+    return p.block[0] if p.kind == "block" and p.block[0] >= 16 else 16
+
+
+def _choose_matmul(
+    p: Propagated, n: fx.Node, device: torch.device, backends: tuple[str, ...]
+) -> Choice | None:
+    """Output-sparse (SDDMM) or sparse-input Triton kernels for a matmul whose output, or
+    whose left operand, carries a sparse pattern; None when neither is sparse."""
+    from .codegen import triton_gen
+
+    if not triton_gen.available(device):
+        return None
+    a = p.traced.example[n.args[0]].detach().to(device)
+    b = p.traced.example[n.args[1]].detach().to(device)
+    out_pat = _pattern2d(p.result.masks[n])
+    in_pat = _pattern2d(p.result.masks[n.args[0]])
+    try:
+        if not bool(out_pat.all()):
+            mod = triton_gen.build_sddmm(
+                out_pat, _block_for(out_pat), dtype=a.dtype, device=device, node=n.name
+            )
+            family = "triton-sddmm"
+        elif not bool(in_pat.all()):
+            mod = triton_gen.build_sparse_input_matmul(
+                in_pat, _block_for(in_pat), dtype=a.dtype, device=device, node=n.name
+            )
+            family = "triton-sparse-input"
+        else:
+            return None
+    except BackendError as e:
+        warnings.warn(f"sparta: triton cannot implement {n.name}: {e}", stacklevel=2)
+        return None
+    t = compare_ms({"dense": lambda: torch.matmul(a, b), family: lambda: mod(a, b)}, device)
+    allowed = {k: v for k, v in t.items() if k != "dense" or "dense" in backends}
+    impl = min(allowed, key=allowed.get)
+    return Choice(impl, t[impl], t["dense"], mod if impl != "dense" else None, None, t)
+
+
 def masked_weight(p: Propagated, n: fx.Node, device: torch.device) -> tuple:
     w_node = n.args[1]
     b_node = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
@@ -104,6 +166,11 @@ def make_plan(p: Propagated, device: torch.device, backends: Iterable[str] | Non
     choices: dict[fx.Node, Choice] = {}
     for n in linears:
         choices[n] = _choose(p, n, layout, device, backends)
+    if "triton" in backends:
+        for n in matmul_nodes(p):
+            choice = _choose_matmul(p, n, device, backends)
+            if choice is not None:
+                choices[n] = choice
     shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
     layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
     return Plan(choices, layout, device, backends)
@@ -124,7 +191,7 @@ def _choose(
             candidates["shrink"] = sub
     pattern = None if bool(wm.all()) else detect_pattern(wm.cpu())
     modules: dict[str, torch.nn.Module] = {}
-    for family in ("triton", "nm_cpu"):
+    for family in ("triton", "cusparselt", "nm_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
         if builder is None:
             continue
@@ -178,6 +245,10 @@ def _builder(family: str, pattern, device: torch.device):
         return lambda w, wm, b, act, node: nm_cpu.build_nm_linear(
             w, wm, b, act, n=pattern.n, m=pattern.m, node=node
         )
+    if family == "cusparselt":
+        if device.type != "cuda" or pattern.kind != "nm" or (pattern.n, pattern.m) != (2, 4):
+            return None
+        return _semi_structured_linear
     if family == "triton":
         from .codegen import triton_gen
 
@@ -187,6 +258,30 @@ def _builder(family: str, pattern, device: torch.device):
             w, wm, b, act, node=node
         )
     return None
+
+
+class _SemiStructuredLinear(torch.nn.Module):
+    """2:4 weights through PyTorch's semi-structured sparse tensors (cuSPARSELt/CUTLASS)."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, act: str | None) -> None:
+        super().__init__()
+        from torch.sparse import to_sparse_semi_structured
+
+        self.weight = to_sparse_semi_structured(w.contiguous())
+        self.bias = b
+        self.act = {"relu": F.relu, "gelu": F.gelu, None: lambda t: t}[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return self.act(y.reshape(*lead, -1))
+
+
+def _semi_structured_linear(w, wm, b, act, node):
+    try:
+        return _SemiStructuredLinear(w, b, act)
+    except (RuntimeError, ValueError) as e:  # dtype/shape limits of the 2:4 kernels
+        raise BackendError(f"2:4 semi-structured weights not usable here: {e}") from e
 
 
 _WARNED: set[str] = set()

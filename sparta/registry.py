@@ -60,7 +60,7 @@ class Refined:
 
 
 def refine(out: Mask | tuple[Mask | None, ...] | None = None, **inputs: InputMask) -> Refined:
-    """Shorthand: ``refine(out=m, input=a, weight=b)``; ``out`` may be a tuple for multi-output ops."""
+    """Shorthand: ``refine(out=m, input=a, weight=b)``; ``out`` may be a tuple (multi-output)."""
     outs = () if out is None else (out if isinstance(out, tuple) else (out,))
     return Refined(inputs={k: v for k, v in inputs.items() if v is not None}, outputs=outs)
 
