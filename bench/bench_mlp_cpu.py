@@ -43,18 +43,27 @@ def main() -> None:
             masked.fc1.weight.mul_(attrs["fc1.weight"])
             masked.fc1.bias.mul_(keep)
             err = (compiled(x) - masked(x)).abs().max().item()
-        t = compare_ms({"dense": lambda m=masked: m(x), "compiled": lambda c=compiled: c(x)},
-                       torch.device("cpu"), budget_ms=2000, max_reps=300)
+        t = compare_ms(
+            {"dense": lambda m=masked, x=x: m(x), "compiled": lambda c=compiled, x=x: c(x)},
+            torch.device("cpu"),
+            budget_ms=2000,
+            max_reps=300,
+        )
         impls = ",".join(sorted({n.impl for n in compiled.report.nodes if n.latency_ms}))
-        rows.append((1 - kept, t["dense"], t["compiled"], t["dense"] / t["compiled"],
-                     1 / kept, impls, err))
-    print(f"# MLP 1024->4096->1024, batch 64, fp32, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+        rows.append(
+            (1 - kept, t["dense"], t["compiled"], t["dense"] / t["compiled"], 1 / kept, impls, err)
+        )
+    print(
+        f"# MLP 1024->4096->1024, batch 64, fp32, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
     print("| units pruned | dense ms | compiled ms | speedup | ideal | impl | max abs err |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]:.0%} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.0f}x | {r[5]} "
-              f"| {r[6]:.1e} |")
+        print(
+            f"| {r[0]:.0%} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.0f}x | {r[5]} "
+            f"| {r[6]:.1e} |"
+        )
     sys.stdout.flush()
 
 

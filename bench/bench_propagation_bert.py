@@ -37,13 +37,19 @@ def main() -> None:
     r = p.report
     given, after = r.weight_density()
     nodes = len(p.traced.gm.graph.nodes)
-    print(f"# BERT-base propagation, torch {torch.__version__}, sparta {sparta.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    print("| graph nodes | trace+record s | propagation s | sweeps | rule calls | weights kept "
-          "given -> propagated |")
+    print(
+        f"# BERT-base propagation, torch {torch.__version__}, sparta {sparta.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        "| graph nodes | trace+record s | propagation s | sweeps | rule calls | weights kept "
+        "given -> propagated |"
+    )
     print("|---|---|---|---|---|---|")
-    print(f"| {nodes} | {total - r.propagation_s:.2f} | {r.propagation_s:.2f} | {r.sweeps} | "
-          f"{p.result.rule_calls} | {given:.1%} -> {after:.1%} |")
+    print(
+        f"| {nodes} | {total - r.propagation_s:.2f} | {r.propagation_s:.2f} | {r.sweeps} | "
+        f"{p.result.rule_calls} | {given:.1%} -> {after:.1%} |"
+    )
 
 
 if __name__ == "__main__":

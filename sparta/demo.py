@@ -39,8 +39,15 @@ class EncoderLayer(nn.Module):
 class TinyBert(nn.Module):
     """The built-in default model: token + position embeddings and a stack of encoder layers."""
 
-    def __init__(self, vocab: int = 1000, hidden: int = 256, heads: int = 8, ffn: int = 1024,
-                 layers: int = 4, max_len: int = 512) -> None:
+    def __init__(
+        self,
+        vocab: int = 1000,
+        hidden: int = 256,
+        heads: int = 8,
+        ffn: int = 1024,
+        layers: int = 4,
+        max_len: int = 512,
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, hidden)
         self.pos = nn.Embedding(max_len, hidden)
@@ -54,8 +61,9 @@ class TinyBert(nn.Module):
         return x
 
 
-def demo_masks(model: TinyBert, ffn_kept: float = 0.25, heads_pruned: int = 4,
-               seed: int = 0) -> dict[str, torch.Tensor]:
+def demo_masks(
+    model: TinyBert, ffn_kept: float = 0.25, heads_pruned: int = 4, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Prune 75% of every FFN's units (fc1 rows and bias) and half the heads (columns of
     the output projection); propagation finds the rest."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         plotted = f" and {args.out}/density.png"
     except ImportError:
         plotted = " (install matplotlib for the density plot)"
-    print(f"compiled in {seconds:.1f} s on {dev}; max |compiled - masked dense| = {err:.2e} "
-          f"(batch {args.batch}x{args.seq}), {err_other:.2e} (another shape, 3x50)")
+    print(
+        f"compiled in {seconds:.1f} s on {dev}; max |compiled - masked dense| = {err:.2e} "
+        f"(batch {args.batch}x{args.seq}), {err_other:.2e} (another shape, 3x50)"
+    )
     print(f"wrote {args.out}/report.json{plotted}")
 
 

@@ -68,7 +68,8 @@ def test_demo_model_shrinks_heads_and_units_and_other_shapes_work() -> None:
     impls = {n.impl for n in compiled.report.nodes if n.target == "aten.linear.default"}
     assert impls == {"shrink"}
     sdpa_shapes = [
-        tuple(v.shape) for k, v in compiled.report.masks.items()
+        tuple(v.shape)
+        for k, v in compiled.report.masks.items()
         if k.startswith("scaled_dot_product_attention")
     ]
     assert sdpa_shapes
