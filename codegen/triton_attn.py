@@ -22,6 +22,11 @@ from .triton_pack import block_tile, kept_tiles, mask_digest
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so that it compares equal to tensors' devices."""
+    return torch.empty(0, device=device).device
+
+
 def _batched(
     a: torch.Tensor, b: torch.Tensor, what: str
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
@@ -52,6 +57,7 @@ class SDDMM(torch.nn.Module):
     def __init__(self, pattern: torch.Tensor, block: int, dtype, device, *, node: str) -> None:
         super().__init__()
         self.m, self.n = pattern.shape
+        device = resolve_device(device)
         self.block, self.tile, self.dtype, self.device = block, block_tile(block), dtype, device
         kb = block_any(pattern.to("cpu"), block, block)
         kept_el = kb.repeat_interleave(block, 0).repeat_interleave(block, 1)[: self.m, : self.n]
@@ -77,7 +83,7 @@ class SDDMM(torch.nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         what = "SDDMM"
-        _check_operands(a, b, self.dtype, torch.device(self.device), what)
+        _check_operands(a, b, self.dtype, self.device, what)
         if a.shape[-2] != self.m or b.shape[-1] != self.n or a.shape[-1] != b.shape[-2]:
             raise BackendError(f"{what}: pattern is ({self.m}, {self.n}); got operands "
                                f"{tuple(a.shape)} @ {tuple(b.shape)}.")  # fmt: skip
@@ -98,6 +104,7 @@ class SparseInputMatmul(torch.nn.Module):
     def __init__(self, pattern: torch.Tensor, block: int, dtype, device, *, node: str) -> None:
         super().__init__()
         self.m, self.k = pattern.shape
+        device = resolve_device(device)
         self.tile, self.dtype, self.device = block_tile(block), dtype, device
         tiles = kept_tiles(pattern, self.tile)
         counts = tiles.sum(dim=1)
@@ -118,7 +125,7 @@ class SparseInputMatmul(torch.nn.Module):
 
     def forward(self, p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         what = "sparse-input matmul"
-        _check_operands(p, v, self.dtype, torch.device(self.device), what)
+        _check_operands(p, v, self.dtype, self.device, what)
         if p.shape[-2] != self.m or p.shape[-1] != self.k or v.shape[-2] != self.k:
             raise BackendError(f"{what}: pattern is ({self.m}, {self.k}); got operands "
                                f"{tuple(p.shape)} @ {tuple(v.shape)}.")  # fmt: skip

@@ -9,11 +9,13 @@ outputs) and dropped for good if it differs or fails, so it can only be faster, 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .cache import debug_level
 from .triton_load import interpreting
 
 Args = tuple[Any, ...]
@@ -58,12 +60,9 @@ class Launcher:
 
     def _try_direct(self, key, ck: Any, grid, args: Args) -> None:
         try:
-            ck._init_handles()
-            run, fn, meta = ck.run, ck.function, ck.packed_metadata
 
             def direct(g: tuple[int, int, int], a: Args) -> None:
-                stream = torch.cuda.current_stream(a[0].device).cuda_stream
-                run(g[0], g[1], g[2], stream, fn, meta, None, None, None, *a)
+                ck[g](*a)
 
             out = args[self.out_index]
             expected = out.clone()
@@ -71,9 +70,13 @@ class Launcher:
             direct(grid, args)
             good = torch.equal(out, expected)
             out.copy_(expected)
-        except Exception:  # noqa: BLE001 - any mismatch with this Triton's internals
+        except Exception as e:  # noqa: BLE001 - any mismatch with this Triton's internals
+            if debug_level() >= 1:
+                print(f"sparta: direct Triton launch disabled: {e!r}", file=sys.stderr)
             good = False
         if good:
             self._direct[key] = direct
         else:
+            if debug_level() >= 1:
+                print("sparta: direct Triton launch disabled (output differs)", file=sys.stderr)
             self.direct_ok = False

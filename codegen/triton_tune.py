@@ -34,7 +34,7 @@ Launch = tuple[bool, int, int, int]
 LARGE_LAUNCH: tuple[Launch, ...] = (
     (False, 128, 4, 4),
     (False, 256, 8, 3),
-    (True, 256, 8, 3),
+    (False, 128, 4, 6),
     (True, 128, 4, 4),
 )
 SMALL_LAUNCH: tuple[Launch, ...] = ((False, 64, 4, 4), (True, 64, 4, 4), (False, 32, 4, 4))
