@@ -237,13 +237,17 @@ def _run(call: Call, slots: list[_Slot], values: list[torch.Tensor]) -> tuple[to
 
 
 def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], kept: tuple[Mask, ...]) -> bool:
-    """Kept output elements are bit-identical (NaN equals NaN)."""
+    """Kept output elements are bit-identical (NaN equals NaN), and no output element became
+    inf or NaN: a non-finite value in an unused element still reaches the model's outputs
+    through the zero weights that make it unused (0 * inf = NaN)."""
     for x, y, k in zip(a, b, kept):
         if x.shape != y.shape:
             return False
         eq = x == y
         if x.dtype.is_floating_point or x.dtype.is_complex:
             eq = eq | (torch.isnan(x) & torch.isnan(y))
+            if bool((torch.isfinite(x) & ~torch.isfinite(y)).any()):
+                return False
         if not bool(eq[k].all()):
             return False
     return True
@@ -286,6 +290,22 @@ def _grad_candidates(
     ]
 
 
+def _perturbed(v: torch.Tensor, g: torch.Tensor, how: int, gen: torch.Generator) -> torch.Tensor:
+    """``v`` with the flat positions ``g`` set to zero (how 0), far above (1) or far below (2)
+    every value of ``v``, or to fresh mixed values (3)."""
+    v = v.clone()
+    flat = v.view(-1)
+    if how == 0:
+        flat[g] = 0
+        return v
+    p = _random((g.numel(),), v.dtype, gen, 0 if how < 3 else 2)
+    if how < 3 and not v.dtype.is_complex:
+        big = 10.0 * (float(v.abs().max()) + 1.0)
+        p = p * big if how == 1 else -p * big
+    flat[g] = p
+    return v
+
+
 def _confirm_unused(
     call: Call,
     slots: list[_Slot],
@@ -295,7 +315,13 @@ def _confirm_unused(
     kept: tuple[Mask, ...],
     gen: torch.Generator,
 ) -> Mask:
-    """Group test: the subset of ``candidates`` of slot ``j`` that perturbation confirms unused."""
+    """Group test: the subset of ``candidates`` of slot ``j`` that perturbation confirms unused.
+
+    A group is unused if, from every base trial, setting it to zero, far above, far below and
+    to fresh values changes no kept output and makes no output non-finite. Moving a group
+    both above and below every other value catches selections (max, topk, sort, argmax).
+    A group that moves is split in halves; after ``MAX_PROBES`` groups the rest stays used.
+    """
     unused = torch.zeros(candidates.numel(), dtype=torch.bool)
     queue = [candidates.flatten().nonzero().flatten()]
     probes = 0
@@ -304,25 +330,12 @@ def _confirm_unused(
         if g.numel() == 0:
             continue
         probes += 1
-        stable = True
-        for r, (values, outs) in enumerate(bases):
-            vals = list(values)
-            v = vals[j].clone()
-            flat = v.view(-1)
-            if r == 0:
-                flat[g] = 0
-            else:
-                kind = (3, 3, 2, 4)[(r - 1) % 4]
-                p = _random((g.numel(),), v.dtype, gen, kind)
-                if r == 1:
-                    p = p.abs() if not p.dtype.is_complex else p
-                elif r == 2 and not p.dtype.is_complex:
-                    p = -p.abs()
-                flat[g] = p
-            vals[j] = v
-            if not _same(outs, _run(call, slots, vals), kept):
-                stable = False
-                break
+        stable = all(
+            _same(outs, _run(call, slots, [*values[:j], _perturbed(values[j], g, how, gen),
+                                           *values[j + 1:]]), kept)
+            for values, outs in bases
+            for how in range(4)
+        )  # fmt: skip
         if stable:
             unused[g] = True
         elif g.numel() > 1:

@@ -318,10 +318,14 @@ def _ops() -> list[tuple[str, Callable[[torch.Generator], tuple[Any, tuple, dict
 OPS = _ops()
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(which=st.integers(0, len(OPS) - 1), seed=st.integers(0, 2**16),
-       density=st.sampled_from([0.3, 0.6, 0.9]))
+@settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    which=st.integers(0, len(OPS) - 1),
+    seed=st.integers(0, 2**16),
+    density=st.sampled_from([0.3, 0.6, 0.9]),
+)
 def test_inferred_masks_are_sound(which: int, seed: int, density: float) -> None:
     """Zero every input the inferred rule prunes (and the given pruned inputs): kept outputs
     do not change, and outputs the rule prunes are zero."""
@@ -352,3 +356,23 @@ def test_inferred_masks_are_sound(which: int, seed: int, density: float) -> None
         assert torch.allclose(ref[keep], got[keep], atol=1e-5, rtol=1e-5)
         if r.outputs:
             assert bool((ref[~r.outputs[0]] == 0).all())
+
+
+def test_selection_ops_use_every_candidate() -> None:
+    # argmax/max depend on every element of the row, though no gradient says so.
+    for seed in range(4):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed))
+        r = quiet(build(aten.max.dim, (x, 1), out=(ones(4), ones(4))), seed=seed)
+        assert bool(r.inputs["self"].all()), seed
+        scramble.clear_cache()
+
+
+def test_a_zeroed_divisor_is_not_free_even_where_the_output_is_unused() -> None:
+    # a / 0 is inf or NaN, and 0 * inf downstream is NaN: an unused quotient still needs its
+    # divisor, while the dividend there is unused.
+    a, b = torch.randn(4, 8), torch.randn(4, 8).abs() + 1
+    om = ones(4, 8)
+    om[2:] = False
+    r = quiet(build(aten.div.Tensor, (a, b), out=(om,)))
+    assert bool(r.inputs["other"].all())
+    assert torch.equal(r.inputs["self"], om)
