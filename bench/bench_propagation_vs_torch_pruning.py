@@ -94,6 +94,21 @@ class SmallResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
+class FlipNet(nn.Module):
+    """conv -> bn -> relu -> flip channels -> conv: an op that moves channels around."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x))).flip(1)
+        return self.fc(self.conv2(y).mean(dim=(2, 3)))
+
+
 def _randomise_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -188,6 +203,13 @@ def cases(seed: int) -> list[Case]:
         Case("ResNet-style CNN", "inner block channels 50%", cnn, (img,), inner),
         Case("ResNet-style CNN", "residual-stream channels 25% (stem only)", cnn, (img,), stream),
     ]
+
+    def flipnet() -> nn.Module:
+        torch.manual_seed(0)
+        return _randomise_bn(FlipNet(), torch.Generator().manual_seed(1))
+
+    out.append(Case("CNN with channel flip", "conv1 channels 50%", flipnet, (img,),
+                    [Unit("conv1", _pick(g, 16, 8), ("bn1",))]))
     return out
 
 
