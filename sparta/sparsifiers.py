@@ -468,7 +468,7 @@ def _assign_chunks(a: torch.Tensor, pat: torch.Tensor, g: int) -> torch.Tensor:
     score = a @ pat.t()  # (C, N, P): magnitude kept by each pattern
     best, cur = score.max(dim=2)  # first maximum on ties
     loss = best.unsqueeze(2) - score  # (C, N, P) >= 0: cost of moving a row to a pattern
-    in_pat = torch.nn.functional.one_hot(cur, p).bool()  # (C, N, P)
+    in_pat = cur.unsqueeze(2) == torch.arange(p)  # (C, N, P)
     counts = in_pat.sum(dim=1)  # (C, P)
     rem = counts % g
     k_up = rem.sum(dim=1) // g  # per chunk: how many patterns round up

@@ -123,14 +123,14 @@ def test_sparsify_bad_glob_suggests_layer_globs() -> None:
 
 def test_five_lines_from_dense_to_compiled() -> None:
     """The README snippet (docs/sparsifiers.md), verbatim apart from the model."""
-    if not callable(getattr(sparta, "sparsify", None)):
-        pytest.skip("sparta/__init__.py does not export sparsify yet")
+    from sparta.sparsifiers import Magnitude
+
     model = _net()
     x = torch.randn(4, 16)
 
-    attrs = sparta.sparsify(model, {"fc*.weight": sparta.sparsifiers.Magnitude(0.8)})
+    attrs = sparta.sparsify(model, {"fc*.weight": Magnitude(0.8)})  # {name: bool mask}
     compiled = sparta.compile(model, attrs, (x,), measure=False)
-    y = compiled(x)
+    y = compiled(x)  # == model with each matched weight multiplied by its mask
 
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -211,9 +211,22 @@ def test_masks_from_row_mask_parametrization_and_clean_model() -> None:
     assert masks_from(_net()) == {}
 
 
-def test_masks_from_feeds_propagate() -> None:
+def test_pruned_models_compile_with_masks_from() -> None:
+    """masks_from's plain names are accepted for the renamed parameters of pruned models."""
+    x = torch.randn(4, 16)
     model = _net()
-    prune.ln_structured(model.fc1, "weight", amount=0.5, n=2, dim=0)
-    masks = masks_from(model)
-    report = sparta.propagate(model, masks, (torch.randn(2, 16),))
-    assert report.mask("fc1.weight_orig") is not None or report.mask("fc1.weight") is not None
+    prune.ln_structured(model.fc2, "weight", amount=0.5, n=2, dim=1)  # input columns
+    prune.l1_unstructured(model.fc1, "weight", amount=0.5)
+    compiled = sparta.compile(model, masks_from(model), (x,), measure=False)
+    torch.testing.assert_close(compiled(x), model(x))
+    # unused input features of fc2 spread back to fc1's rows and bias
+    assert float(compiled.report.mask("fc1.bias").float().mean()) == 0.5
+
+    seq = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    sparsifier = WeightNormSparsifier(
+        sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2
+    )
+    sparsifier.prepare(seq, [{"tensor_fqn": "0.weight"}])
+    sparsifier.step()
+    compiled = sparta.compile(seq, masks_from(seq), (x,), measure=False)
+    torch.testing.assert_close(compiled(x), seq(x))
