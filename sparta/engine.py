@@ -9,6 +9,7 @@ when a mask it sees has changed, which keeps the cost roughly linear in graph si
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ import torch
 import torch.fx as fx
 
 from . import registry
-from .calls import check_refined, make_call
+from .calls import bound_arguments, check_refined, make_call
 from .known import known_values, known_zeros
 from .registry import Mask, Refined
 from .trace import METADATA_OPS, Traced
@@ -50,11 +51,13 @@ def _tensor_like(v: Any) -> bool:
 
 
 def _ones(v: Any) -> Value:
+    """All-kept mask(s) for a value; a stride-0 view, since masks are never updated in place."""
     if isinstance(v, torch.Tensor):
-        return torch.ones(v.shape, dtype=torch.bool)
-    return tuple(
-        torch.ones(t.shape, dtype=torch.bool) if isinstance(t, torch.Tensor) else None for t in v
-    )
+        return _TRUE.expand(v.shape)
+    return tuple(_TRUE.expand(t.shape) if isinstance(t, torch.Tensor) else None for t in v)
+
+
+_TRUE = torch.ones((), dtype=torch.bool)
 
 
 class Engine:
@@ -260,20 +263,30 @@ def _union(masks: list[Mask], shape: torch.Size) -> Mask:
 
 def _equal(a: Value, b: Value) -> bool:
     if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
+        return _kept(a) == _kept(b)
     return all(
-        x is y or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+        x is y or (x is not None and y is not None and _kept(x) == _kept(y)) for x, y in zip(a, b)
     )
+
+
+def _kept(m: Mask) -> int:
+    # Masks only shrink, so equal counts mean equal masks; stride-0 views count cheaply.
+    if m.dim() and 0 in m.stride() and m.stride() == (0,) * m.dim():
+        return m.numel() if bool(m.reshape(-1)[:1].all()) else 0
+    return int(torch.count_nonzero(m))
+
+
+@functools.lru_cache(maxsize=None)
+def _bound(node: fx.Node) -> dict[str, Any]:
+    return bound_arguments(node.target, node.args, node.kwargs)
 
 
 def _arg_keys(user: fx.Node, n: fx.Node) -> list[tuple]:
     """Every (argument name, list index) at which ``user`` reads ``n``."""
-    from .calls import bound_arguments
-
     if not isinstance(user.target, torch._ops.OpOverload):
         return [("?", None)]
     keys = []
-    for name, value in bound_arguments(user.target, user.args, user.kwargs).items():
+    for name, value in _bound(user).items():
         if value is n:
             keys.append((name, None))
         elif isinstance(value, (list, tuple)):
@@ -282,9 +295,7 @@ def _arg_keys(user: fx.Node, n: fx.Node) -> list[tuple]:
 
 
 def _input_uses(user: fx.Node, name: str, mask: Any) -> list[tuple[tuple, fx.Node, Mask]]:
-    from .calls import bound_arguments
-
-    value = bound_arguments(user.target, user.args, user.kwargs).get(name)
+    value = _bound(user).get(name)
     if isinstance(value, fx.Node) and isinstance(mask, torch.Tensor):
         return [((name, None), value, mask)]
     if isinstance(value, (list, tuple)) and isinstance(mask, tuple):
