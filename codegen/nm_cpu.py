@@ -47,7 +47,7 @@ ISA_CONFIGS: dict[str, IsaConfig] = {
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
 ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 # Chunks per k block: the x panel slice a block reads (KBC * m * TV * VL floats) stays in L1.
-L1_PANEL_BYTES = 24 * 1024
+L1_PANEL_BYTES = int(os.environ.get("NM_L1", 24 * 1024))
 
 
 def compiler() -> str | None:

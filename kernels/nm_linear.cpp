@@ -20,6 +20,14 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__) && NM_VL == 16
+#include <immintrin.h>
+#define NM_AVX512 1
+#elif defined(__AVX2__) && NM_VL == 8
+#include <immintrin.h>
+#define NM_AVX2 1
+#endif
+
 typedef float vf __attribute__((vector_size(NM_VL * 4)));
 typedef float vfu __attribute__((vector_size(NM_VL * 4), aligned(4)));
 typedef int32_t vi __attribute__((vector_size(NM_VL * 4)));
@@ -27,8 +35,10 @@ typedef int32_t vi __attribute__((vector_size(NM_VL * 4)));
 static constexpr int TT = NM_TV * NM_VL;  // tokens per panel
 static constexpr long KP = (long)NM_C * NM_M;  // padded reduction length
 static constexpr int NT = (NM_OUT + NM_R - 1) / NM_R;  // row tiles
+static constexpr int ST_TILES = 8;  // row tiles per staging block
+static constexpr int ST_STRIDE = ST_TILES * NM_R + 4;  // +4: room for 4-wide tail stores
 
-static inline vf splat(float s) { return vf{} + s; }
+static inline vf splat(float s) { return s - vf{}; }
 static inline vf vload(const float* p) { return *(const vfu*)p; }
 static inline void vstore(float* p, vf v) { *(vfu*)p = v; }
 static inline vf vsel(vi c, vf a, vf b) { return (vf)((c & (vi)a) | (~c & (vi)b)); }
@@ -82,13 +92,82 @@ static inline vf activate(vf z) {
 #endif
 }
 
+#if NM_AVX512
+// 8 rows x 16 tokens -> 16 tokens x rows 0..7 at st[t * ST_STRIDE + r], tokens t < tn only.
+// Writes 8 floats per token even when NM_R < 8; the next row tile overwrites the extra ones.
+static inline void store_transposed16(const __m512* a, float* st, long tn) {
+  const __m512 t0 = _mm512_unpacklo_ps(a[0], a[1]), t1 = _mm512_unpackhi_ps(a[0], a[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(a[2], a[3]), t3 = _mm512_unpackhi_ps(a[2], a[3]);
+  const __m512 t4 = _mm512_unpacklo_ps(a[4], a[5]), t5 = _mm512_unpackhi_ps(a[4], a[5]);
+  const __m512 t6 = _mm512_unpacklo_ps(a[6], a[7]), t7 = _mm512_unpackhi_ps(a[6], a[7]);
+  // u[i] / w[i]: 128-bit lane L holds rows 0-3 / 4-7 of token 4L + i.
+  const __m512 u[4] = {_mm512_shuffle_ps(t0, t2, 0x44), _mm512_shuffle_ps(t0, t2, 0xEE),
+                       _mm512_shuffle_ps(t1, t3, 0x44), _mm512_shuffle_ps(t1, t3, 0xEE)};
+  const __m512 w[4] = {_mm512_shuffle_ps(t4, t6, 0x44), _mm512_shuffle_ps(t4, t6, 0xEE),
+                       _mm512_shuffle_ps(t5, t7, 0x44), _mm512_shuffle_ps(t5, t7, 0xEE)};
+#pragma GCC unroll 4
+  for (int l = 0; l < 4; ++l)
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const long t = 4 * l + i;
+      if (t >= tn) continue;
+      const __mmask16 k = (__mmask16)(0xF << (4 * l));
+      _mm512_mask_storeu_ps(st + t * ST_STRIDE - 4 * l, k, u[i]);
+      if (NM_R > 4) _mm512_mask_storeu_ps(st + t * ST_STRIDE + 4 - 4 * l, k, w[i]);
+    }
+}
+#endif
+
+// x (T, NM_K) -> xt[k][t] for tokens t0 + [0, TT) and k in [k0, k1), zero-padded.
+static inline void transpose_x(const float* __restrict x, long T, long t0, long k0, long k1,
+                               float* __restrict dst) {
+#if NM_AVX512 || NM_AVX2
+  for (int v = 0; v < NM_TV; ++v) {
+    const long tb = t0 + v * NM_VL;
+    const long valid = T - tb < 0 ? 0 : (T - tb < NM_VL ? T - tb : NM_VL);
+#if NM_AVX512
+    const __m512i vidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                                                              12, 13, 14, 15), _mm512_set1_epi32(NM_K));
+    const __mmask16 mk = (__mmask16)((1u << valid) - 1u);
+    for (long k = k0; k < k1; ++k) {
+      __m512 g = _mm512_setzero_ps();
+      if (k < NM_K && valid > 0)
+        g = _mm512_mask_i32gather_ps(g, mk, vidx, x + tb * NM_K + k, 4);
+      _mm512_storeu_ps(dst + k * TT + v * NM_VL, g);
+    }
+#else
+    const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                                            _mm256_set1_epi32(NM_K));
+    const __m256 mk = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+        _mm256_set1_epi32((int)valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+    for (long k = k0; k < k1; ++k) {
+      __m256 g = _mm256_setzero_ps();
+      if (k < NM_K && valid > 0)
+        g = _mm256_mask_i32gather_ps(g, x + tb * NM_K + k, vidx, mk, 4);
+      _mm256_storeu_ps(dst + k * TT + v * NM_VL, g);
+    }
+#endif
+  }
+#else
+  for (long t = 0; t < TT; ++t) {
+    const long tok = t0 + t;
+    if (tok < T) {
+      const float* src = x + tok * NM_K;
+      for (long k = k0; k < k1; ++k) dst[k * TT + t] = k < NM_K ? src[k] : 0.0f;
+    } else {
+      for (long k = k0; k < k1; ++k) dst[k * TT + t] = 0.0f;
+    }
+  }
+#endif
+}
+
 // One row tile x one token panel x one block of chunks [c0, c1). Accumulators live in
 // registers: NM_R rows x V vectors of NM_VL tokens.
 template <int V>
 static inline void tile(const float* __restrict xt, const float* __restrict w,
                         const uint8_t* __restrict id, int c0, int c1, float* __restrict yb,
                         bool first, bool last, int rt, long t0, long T, const float* __restrict bias,
-                        float* __restrict y) {
+                        float* __restrict st) {
   vf acc[NM_R][V];
   if (first) {
 #pragma GCC unroll 16
@@ -126,23 +205,33 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
       for (int v = 0; v < V; ++v) vstore(yb + r * TT + v * NM_VL, acc[r][v]);
     return;
   }
-  // Epilogue: bias, activation (vectorised over tokens), then transpose into y[t][row].
-  alignas(64) float out[V * NM_VL][NM_R];
+  // Epilogue: bias and activation, vectorised over tokens; then a transposing copy into
+  // y[t][row] (one scalar load and store per element, far cheaper than lane extraction).
+  alignas(64) float zb[NM_R][V * NM_VL];
 #pragma GCC unroll 16
   for (int r = 0; r < NM_R; ++r) {
     const int row = rt * NM_R + r;
     const float bv = (NM_HAS_BIAS && row < NM_OUT) ? bias[row] : 0.0f;
 #pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) {
-      alignas(64) float z[NM_VL];
-      vstore(z, activate(acc[r][v] + bv));
-      for (int l = 0; l < NM_VL; ++l) out[v * NM_VL + l][r] = z[l];
-    }
+    for (int v = 0; v < V; ++v) vstore(&zb[r][v * NM_VL], activate(acc[r][v] + bv));
   }
-  const int rows = (rt * NM_R + NM_R <= NM_OUT) ? NM_R : NM_OUT - rt * NM_R;
+  // st: this thread's staging block, st[t][row - first row of the block]; nm_forward copies
+  // it into y a few row tiles at a time, so that every line of y is written once, whole.
   const long tn = (T - t0 < V * NM_VL) ? T - t0 : V * NM_VL;
+#if NM_AVX512 && NM_R <= 8
+#pragma GCC unroll 8
+  for (int v = 0; v < V; ++v) {
+    if (v * NM_VL >= tn) break;
+    __m512 a[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) a[r] = r < NM_R ? _mm512_loadu_ps(&zb[r][v * NM_VL]) : _mm512_setzero_ps();
+    store_transposed16(a, st + v * NM_VL * ST_STRIDE, tn - v * NM_VL);
+  }
+#else
   for (long t = 0; t < tn; ++t)
-    std::memcpy(y + (t0 + t) * NM_OUT + (long)rt * NM_R, out[t], sizeof(float) * rows);
+#pragma GCC unroll 16
+    for (int r = 0; r < NM_R; ++r) st[t * ST_STRIDE + r] = zb[r][t];
+#endif
 }
 
 typedef void (*tile_fn)(const float*, const float*, const uint8_t*, int, int, float*, bool, bool,
@@ -185,20 +274,12 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
     for (long b = 0; b < panels * kblocks; ++b) {
       const long p = b / kblocks, k0 = (b % kblocks) * 64;
       const long k1 = k0 + 64 < KP ? k0 + 64 : KP;
-      float* dst = xt + p * KP * TT;
-      for (long t = 0; t < TT; ++t) {
-        const long tok = p * TT + t;
-        if (tok < T) {
-          const float* src = x + tok * NM_K;
-          for (long k = k0; k < k1; ++k) dst[k * TT + t] = k < NM_K ? src[k] : 0.0f;
-        } else {
-          for (long k = k0; k < k1; ++k) dst[k * TT + t] = 0.0f;
-        }
-      }
+      transpose_x(x, T, p * TT, k0, k1, xt + p * KP * TT);
     }
     // 2. Each thread owns a contiguous range of row tiles, for every panel and k block.
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
     const int rt0 = (int)((long)NT * tid / nth), rt1 = (int)((long)NT * (tid + 1) / nth);
+    alignas(64) float stage[TT * ST_STRIDE];
     for (long p = 0; p < panels; ++p) {
       const long t0 = p * TT;
       const long rem = T - t0;
@@ -210,7 +291,18 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
         for (int rt = rt0; rt < rt1; ++rt) {
           const long off = (long)rt * NM_C * NM_N * NM_R;
           float* yb = ybuf ? ybuf + (long)rt * NM_R * TT : nullptr;
-          fn(xp, vals + off, idx + off, c0, c1, yb, c0 == 0, c1 == NM_C, rt, t0, T, bias, y);
+          const bool last = c1 == NM_C;
+          fn(xp, vals + off, idx + off, c0, c1, yb, c0 == 0, last, rt, t0, T, bias,
+             stage + (rt - rt0) % ST_TILES * NM_R);
+          if (last && ((rt - rt0) % ST_TILES == ST_TILES - 1 || rt == rt1 - 1)) {
+            const int rb = rt - (rt - rt0) % ST_TILES;  // first row tile of the staging block
+            const int row0 = rb * NM_R;
+            const int rows = ((rt + 1) * NM_R < NM_OUT ? (rt + 1) * NM_R : NM_OUT) - row0;
+            const long tn = rem < TT ? rem : TT;
+            for (long t = 0; t < tn; ++t)
+              std::memcpy(y + (t0 + t) * NM_OUT + row0, stage + t * ST_STRIDE,
+                          sizeof(float) * rows);
+          }
         }
       }
     }
