@@ -122,7 +122,7 @@ def test_sparsify_bad_glob_suggests_layer_globs() -> None:
 
 
 def test_five_lines_from_dense_to_compiled() -> None:
-    """The README snippet (docs/sparsifiers.md), verbatim apart from the model."""
+    """The README snippet (docs/sparsifiers.md), verbatim but for the model and measure=False."""
     from sparta.sparsifiers import Magnitude
 
     model = _net()
