@@ -117,3 +117,28 @@ def nonneg_masks(
         n: (g > 0) if g is not None else full(leaves[n].shape, False) for n, g in zip(names, grads)
     }
     return fwd, back
+
+
+def _rows_equal(m: Mask) -> bool:
+    n = m.shape[0]
+    if n < 2 or not torch.equal(m[0], m[-1]) or not torch.equal(m[0], m[n // 2]):
+        return False  # cheap early exit before the full comparison
+    return bool((m == m[:1]).all())
+
+
+def bool_mm(a: Mask, b: Mask) -> Mask:
+    """Boolean matrix product of 2-D masks: ``out[i, j] = any_k a[i, k] & b[k, j]``.
+
+    Structured masks (identical rows or columns, the common case for activations and
+    structured weights) take an O(size) path instead of a float matmul.
+    """
+    m, n = a.shape[0], b.shape[1]
+    if _rows_equal(a):
+        return bool_mm(a[:1], b).expand(m, n)
+    if n > 1 and _rows_equal(b.t()):
+        return bool_mm(a, b[:, :1]).expand(m, n)
+    if a.shape[1] > 1 and _rows_equal(a.t()):  # every k alike in a
+        return a[:, :1] & b.any(dim=0, keepdim=True)
+    if b.shape[0] > 1 and _rows_equal(b):  # every k alike in b
+        return a.any(dim=1, keepdim=True) & b[:1]
+    return (a.to(torch.float32) @ b.to(torch.float32)) > 0

@@ -13,7 +13,15 @@ import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
 
-from ._util import broadcast_back, broadcast_fwd, full, is_mask, nonneg_masks, scalar_is_zero
+from ._util import (
+    bool_mm,
+    broadcast_back,
+    broadcast_fwd,
+    full,
+    is_mask,
+    nonneg_masks,
+    scalar_is_zero,
+)
 
 aten = torch.ops.aten
 
@@ -32,13 +40,26 @@ def _with_bias(
     return refine(out=fwd, **back, **{bias: broadcast_back(out, b.shape)})
 
 
+def _mm_masks(x: Mask, w: Mask, out: Mask) -> tuple[Mask, Mask, Mask]:
+    """y = x @ w for x (..., K), w (K, N): (forward, x used, w used), exact."""
+    k, n = w.shape
+    x2, o2 = x.reshape(-1, k), out.reshape(-1, n)
+    fwd = bool_mm(x2, w).reshape(out.shape)
+    x_used = bool_mm(o2, w.t()).reshape(x.shape)
+    w_used = bool_mm(x2.t(), o2)
+    return fwd, x_used, w_used
+
+
 @register_rule(aten.linear)
 def linear(call: Call) -> Refined:
     """y = x @ W^T + b with W (out_features, in_features)."""
-    term, back = nonneg_masks(
-        aten.linear.default, call, ("input", "weight"), override={"bias": None}
-    )
-    return _with_bias(call, term, back, "bias")
+    x, w = call.inputs["input"], call.inputs["weight"]
+    if w.dim() != 2 or x.dim() < 1:
+        term, back = nonneg_masks(aten.linear.default, call, ("input", "weight"),
+                                  override={"bias": None})  # fmt: skip
+        return _with_bias(call, term, back, "bias")
+    fwd, x_used, wt_used = _mm_masks(x, w.t(), call.out)
+    return _with_bias(call, fwd, {"input": x_used, "weight": wt_used.t()}, "bias")
 
 
 @register_rule(aten.mm, aten.bmm, aten.matmul, aten.dot, aten.mv, aten.vdot, aten.inner,
@@ -66,6 +87,9 @@ def add_product(call: Call) -> Refined:
     if scalar_is_zero(call.params.get("alpha", 1)):
         term = full(call.out.shape, False)
         back = {n: full(call.inputs[n].shape, False) for n in (a, b)}
+    elif product is torch.mm:
+        term, a_used, b_used = _mm_masks(call.inputs[a], call.inputs[b], call.out)
+        back = {a: a_used, b: b_used}
     else:
         term, back = nonneg_masks(lambda **kw: product(kw[a], kw[b]), call, (a, b))
     return _with_bias(call, term, back, "self", call.params.get("beta", 1))

@@ -387,3 +387,23 @@ def test_pooling_channels() -> None:
     ref = check_rule(aten.adaptive_avg_pool2d.default, (r(2, 3, 6, 6), [1, 1]),
                      input_masks={"self": x})  # fmt: skip
     assert eq(ref.outputs[0].reshape(2, 3), torch.tensor([True, False, True]).expand(2, 3))
+
+
+def test_bool_mm_structured_paths_match_brute_force() -> None:
+    from sparta.propagation_rules._util import bool_mm
+
+    gen = torch.Generator().manual_seed(0)
+
+    def variants(m: int, n: int) -> list[torch.Tensor]:
+        return [
+            torch.rand(m, n, generator=gen) > 0.6,  # unstructured
+            (torch.rand(1, n, generator=gen) > 0.5).expand(m, n),  # identical rows
+            (torch.rand(m, 1, generator=gen) > 0.5).expand(m, n),  # identical columns
+            zeros(m, n),
+            ones(m, n),
+        ]
+
+    for a in variants(5, 7):
+        for b in variants(7, 4):
+            brute = (a[:, :, None] & b[None, :, :]).any(dim=1)
+            assert torch.equal(bool_mm(a, b), brute)
