@@ -51,10 +51,6 @@ def _flatten_out(y: Any) -> tuple[torch.Tensor | None, ...]:
     return tuple(v if isinstance(v, torch.Tensor) else None for v in y)
 
 
-def _tensors(bound: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
-    return {n: bound[n] for n in names if n in bound}
-
-
 def _as_masks(value: Any, given: Any) -> Any:
     """The mask(s) of one tensor (or tensor-list) argument: given, or all kept."""
     if isinstance(value, (list, tuple)):
@@ -150,7 +146,7 @@ def _first_index(bad: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(i) for i in bad.nonzero()[0])
 
 
-def _run(op: Any, bound: dict[str, Any], names: list[str], seed: int) -> tuple:
+def _run(op: Any, bound: dict[str, Any], seed: int) -> tuple:
     torch.manual_seed(seed)  # ops that draw random numbers (dropout) draw the same ones
     pos, kw = [], {}
     for a in op._schema.arguments:
@@ -195,11 +191,11 @@ def check_rule(
             else:
                 s = {**DEFAULT_SAMPLERS, **(samplers or {})}.get(n)
                 base[n] = _sample(bound[n], call.inputs[n], gen, s)
-        y0 = _run(op, base, names, seed + t)
+        y0 = _run(op, base, seed + t)
         both = dict(base)
         for n, m in rule_in.items():
             both[n] = _apply(base[n], m)
-        y1 = _run(op, both, names, seed + t)
+        y1 = _run(op, both, seed + t)
         for i, (a, b) in enumerate(zip(y0, y1)):
             if a is None:
                 continue
@@ -218,7 +214,7 @@ def check_rule(
             keep = keep & fwd if fwd is not None else keep
             bad = _changed(a, b) & keep
             if bool(bad.any()):
-                name = _culprit(op, base, names, rule_in, i, keep, seed + t)
+                name = _culprit(op, base, rule_in, i, keep, seed + t)
                 idx = _first_index(bad)
                 raise AssertionError(
                     f"{op}: pruning argument {name!r} to the rule's input mask changed kept "
@@ -239,18 +235,17 @@ def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _culprit(
     op: Any,
     base: dict[str, Any],
-    names: list[str],
     rule_in: Mapping[str, Any],
     i: int,
     keep: torch.Tensor,
     seed: int,
 ) -> str:
     """The first argument whose pruning alone changes a kept output."""
-    y0 = _run(op, base, names, seed)[i]
+    y0 = _run(op, base, seed)[i]
     for n, m in rule_in.items():
         one = dict(base)
         one[n] = _apply(base[n], m)
-        y = _run(op, one, names, seed)[i]
+        y = _run(op, one, seed)[i]
         if bool((_changed(y0, y) & keep).any()):
             return n
     return "+".join(rule_in) or "?"

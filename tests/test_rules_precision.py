@@ -407,3 +407,29 @@ def test_bool_mm_structured_paths_match_brute_force() -> None:
         for b in variants(7, 4):
             brute = (a[:, :, None] & b[None, :, :]).any(dim=1)
             assert torch.equal(bool_mm(a, b), brute)
+
+
+def test_checker_catches_optimistic_rules() -> None:
+    """The checker itself: a rule that claims too much fails, naming the op, argument, index."""
+    import pytest
+
+    from sparta.registry import elementwise, lookup, refine, register_rule, unregister_rule
+
+    op = aten.sigmoid.default
+    original = lookup(op)
+    packet = op.overloadpacket
+    unregister_rule(packet)
+    try:
+        register_rule(op, name="wrong-forward")(elementwise("any", "self"))  # sigmoid(0) != 0
+        x = torch.tensor([[True, False, True]])
+        with pytest.raises(
+            AssertionError, match=r"aten.sigmoid.default: output 0 element \(0, 1\)"
+        ):
+            check_rule(op, (r(1, 3),), input_masks={"self": x})
+        unregister_rule(op)
+        register_rule(op, name="wrong-backward")(lambda c: refine(self=zeros(1, 3)))
+        with pytest.raises(AssertionError, match="pruning argument 'self'"):
+            check_rule(op, (r(1, 3),))
+    finally:
+        unregister_rule(op)
+        register_rule(packet, name=original.name)(original.fn)
