@@ -198,7 +198,10 @@ class NMLinear(torch.nn.Module):
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.source, self.key, self.lib_path = source, key, lib_path
         self.register_buffer("vals", packed.vals)
-        self.register_buffer("idx", packed.idx)
+        # flat, with 16 bytes of slack: the small-token path loads 16 indices at a time
+        idx = torch.zeros(packed.idx.numel() + 16, dtype=torch.uint8)
+        idx[: packed.idx.numel()] = packed.idx.flatten()
+        self.register_buffer("idx", idx)
         self.register_buffer("bias", bias)
         lib = ctypes.CDLL(str(lib_path))
         if lib.nm_abi_version() != 1:

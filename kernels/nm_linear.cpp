@@ -234,6 +234,70 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
 #endif
 }
 
+// Few tokens (decode): the weight is read once per call, so this path is bound by weight
+// bandwidth. Rows of a tile are the vector lanes; a pick is a permute of the chunk of x held in a
+// register (AVX-512, m <= 16), or a scalar gather otherwise.
+static constexpr int SMALL_T = 3;
+
+static void small_t(const float* __restrict x, long T, const float* __restrict vals,
+                    const uint8_t* __restrict idx, const float* __restrict bias, float* __restrict y,
+                    int rt0, int rt1) {
+  for (int rt = rt0; rt < rt1; ++rt) {
+    const float* w = vals + (long)rt * NM_C * NM_N * NM_R;
+    const uint8_t* id = idx + (long)rt * NM_C * NM_N * NM_R;
+    const int rows = (rt * NM_R + NM_R <= NM_OUT) ? NM_R : NM_OUT - rt * NM_R;
+#if NM_AVX512 && NM_M <= 16 && NM_R <= 16
+    const __mmask16 rmask = (__mmask16)((1u << NM_R) - 1u);
+    __m512 acc[SMALL_T];
+    for (int t = 0; t < SMALL_T; ++t) acc[t] = _mm512_setzero_ps();
+    for (int c = 0; c < NM_C; ++c) {
+      const int kin = NM_K - c * NM_M < NM_M ? NM_K - c * NM_M : NM_M;
+      const __mmask16 xmask = (__mmask16)((1u << kin) - 1u);
+      __m512 xc[SMALL_T];
+      for (int t = 0; t < SMALL_T && t < T; ++t)
+        xc[t] = _mm512_maskz_loadu_ps(xmask, x + t * NM_K + (long)c * NM_M);
+#pragma GCC unroll 16
+      for (int j = 0; j < NM_N; ++j) {
+        const long o = ((long)c * NM_N + j) * NM_R;
+        const __m512 wv = _mm512_maskz_loadu_ps(rmask, w + o);
+        const __m512i iv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(id + o)));
+        for (int t = 0; t < SMALL_T && t < T; ++t)
+          acc[t] = _mm512_fmadd_ps(wv, _mm512_permutexvar_ps(iv, xc[t]), acc[t]);
+      }
+    }
+    const __mmask16 omask = (__mmask16)((1u << rows) - 1u);
+    const __m512 bv = NM_HAS_BIAS ? _mm512_maskz_loadu_ps(omask, bias + rt * NM_R)
+                                  : _mm512_setzero_ps();
+    for (int t = 0; t < SMALL_T && t < T; ++t)
+      _mm512_mask_storeu_ps(y + t * NM_OUT + rt * NM_R, omask,
+                            (__m512)activate((vf)_mm512_add_ps(acc[t], bv)));
+#else
+    for (long t = 0; t < T; ++t) {
+      const float* xt = x + t * NM_K;
+      float acc[NM_R] = {};
+      for (int c = 0; c < NM_C; ++c) {
+        const float* xc = xt + (long)c * NM_M;
+        const long o = (long)c * NM_N * NM_R;
+        for (int j = 0; j < NM_N; ++j)
+          for (int r = 0; r < NM_R; ++r) {
+            const int k = id[o + j * NM_R + r];
+            // picks in the k padding have zero weight; skip them rather than read past x
+            if (c * NM_M + k < NM_K) acc[r] += w[o + j * NM_R + r] * xc[k];
+          }
+      }
+      alignas(64) float z[NM_VL];
+      for (int r = 0; r < rows; r += NM_VL) {
+        vf a = splat(0.0f);
+        for (int l = 0; l < NM_VL && r + l < rows; ++l)
+          a[l] = acc[r + l] + (NM_HAS_BIAS ? bias[rt * NM_R + r + l] : 0.0f);
+        vstore(z, activate(a));
+        for (int l = 0; l < NM_VL && r + l < rows; ++l) y[t * NM_OUT + rt * NM_R + r + l] = z[l];
+      }
+    }
+#endif
+  }
+}
+
 typedef void (*tile_fn)(const float*, const float*, const uint8_t*, int, int, float*, bool, bool,
                         int, long, long, const float*, float*);
 
@@ -258,7 +322,7 @@ long nm_xt_floats(long T) { return ((T + TT - 1) / TT) * KP * TT; }
 
 long nm_ybuf_floats(void) { return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT; }
 
-// x: (T, NM_K) row-major; vals/idx: packed weight; bias: (NM_OUT) or null; y: (T, NM_OUT);
+// x: (T, NM_K) row-major; vals/idx: packed weight (idx readable 16 bytes past its end); bias: (NM_OUT) or null; y: (T, NM_OUT);
 // xt: nm_xt_floats(T) floats of scratch; ybuf: nm_ybuf_floats() floats of scratch.
 int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, const float* bias,
                float* y, float* xt, float* ybuf, int nthreads) {
@@ -267,6 +331,15 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
   const long panels = (T + TT - 1) / TT;
   const long kblocks = (KP + 63) / 64;
   if (nthreads < 1) nthreads = 1;
+  if (T <= SMALL_T) {
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      small_t(x, T, vals, idx, bias, y, (int)((long)NT * tid / nth),
+              (int)((long)NT * (tid + 1) / nth));
+    }
+    return 0;
+  }
 #pragma omp parallel num_threads(nthreads)
   {
     // 1. Transpose x into token panels (zero-padded in tokens and in k).
