@@ -189,13 +189,14 @@ def elementwise(zeros: str, *arg_names: str) -> RuleFn:
 
     ``zeros`` says when an output element is known to be zero:
     ``"any"``   if any named input is zero (mul, and unary ops with f(0) = 0 such as relu, gelu);
-    ``"all"``   only if all named inputs are zero (add, sub, where applicable);
-    ``"first"`` if the first named input is zero (div: a / b);
+    ``"all"``   only if all named inputs are zero (add, sub);
     ``"none"``  never (sigmoid, exp, cos: f(0) != 0).
-    Backward: an input element is used only if an output element it feeds is kept.
+    Backward: an input element is used only if an output element it feeds is kept. That is
+    sound only when the op stays finite with pruned inputs forced to zero: write a custom
+    rule for ops like div, log or reciprocal (0 * inf would turn an unused value into NaN).
     """
-    if zeros not in ("any", "all", "first", "none"):
-        raise RuleError(f"zeros must be 'any', 'all', 'first' or 'none', got {zeros!r}.")
+    if zeros not in ("any", "all", "none"):
+        raise RuleError(f"zeros must be 'any', 'all' or 'none', got {zeros!r}.")
 
     def rule(call: Call) -> Refined:
         out = call.out
@@ -210,9 +211,6 @@ def elementwise(zeros: str, *arg_names: str) -> RuleFn:
             # A scalar or absent operand is not known to be zero: "all" then learns nothing.
             if zeros == "all" and len(masks) < len(arg_names):
                 masks = []
-            if zeros == "first":
-                first = call.inputs.get(arg_names[0])
-                masks = [first] if isinstance(first, Mask) else []
             combine = torch.logical_or if zeros == "all" else torch.logical_and
             for m in masks:
                 m = _broadcast_fwd(m, out.shape)
