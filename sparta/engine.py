@@ -101,12 +101,14 @@ class Engine:
             v = self.values.get(n)
             if not isinstance(v, torch.Tensor) or v.numel() > CONST_LIMIT:
                 continue
-            if n.op == "get_attr" and str(n.target) in self.t.buffers:
-                consts[n] = v
-            elif _is_op(n) and not _nondeterministic(n.target):
-                inputs = n.all_input_nodes
-                if all(i in consts for i in inputs):
-                    consts[n] = v
+            is_buffer = n.op == "get_attr" and str(n.target) in self.t.buffers
+            folded = (
+                _is_op(n)
+                and not _nondeterministic(n.target)
+                and all(i in consts for i in n.all_input_nodes)
+            )
+            if is_buffer or folded:
+                consts[n] = v.detach().cpu()  # masks live on the CPU; so do the facts rules read
         return consts
 
     def _seed_uses(self) -> None:
