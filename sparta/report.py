@@ -49,7 +49,12 @@ class Report:
     def mask(self, name: str) -> torch.Tensor:
         """The propagated bool mask (True = kept) of a parameter, input, activation or output."""
         if name not in self.masks:
-            raise AttrError.unknown_name(name, self.masks, what="tensor")
+            from .sparsify import plain_parameter_name
+
+            plain = {plain_parameter_name(k): k for k in self.masks}
+            if name not in plain:
+                raise AttrError.unknown_name(name, self.masks, what="tensor")
+            name = plain[name]
         return self.masks[name].clone()
 
     def tensor(self, name: str) -> TensorEntry:
