@@ -103,3 +103,14 @@ def test_tesa_patterns_and_digest() -> None:
     assert str(sparta.TeSA(nm).pattern) == "2:4"
     with pytest.raises(sparta.AttrError, match="does not satisfy"):
         sparta.TeSA(torch.rand(8, 8) > 0.5, "block(4x4)")
+
+
+def test_pruned_model_compiles_with_plain_names() -> None:
+    import torch.nn.utils.prune as prune
+
+    model, (x,) = mlp()
+    prune.l1_unstructured(model.fc1, "weight", 0.5)
+    compiled = sparta.compile(model, sparta.masks_from(model), (x,), measure=False)
+    assert compiled.report.mask("fc1.weight").float().mean().item() == pytest.approx(0.5)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x), model(x), atol=1e-5)
