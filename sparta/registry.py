@@ -156,10 +156,10 @@ def missing_rule_error(op: Any) -> MissingRuleError:
 
 
 def _qualname(op: Any) -> str:
-    name = getattr(op, "_name", None) or str(op)  # "aten::gelu" / "mylib::op"
-    ns, _, rest = name.partition("::")
-    overload = getattr(op, "_overloadname", "default") or "default"
-    return f"{ns}.{rest}.{overload}"
+    """``aten.mul.Tensor`` / ``mylib.op.default``: the attribute path under ``torch.ops``."""
+    if isinstance(op, torch._ops.OpOverload):
+        return str(op)
+    return f"{str(op).replace('::', '.')}.default"
 
 
 def _ident(op: Any) -> str:
