@@ -47,7 +47,7 @@ ISA_CONFIGS: dict[str, IsaConfig] = {
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
 ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 # Chunks per k block: the x panel slice a block reads (KBC * m * TV * VL floats) stays in L1.
-L1_PANEL_BYTES = int(os.environ.get("NM_L1", 24 * 1024))
+L1_PANEL_BYTES = 24 * 1024
 
 
 def compiler() -> str | None:
@@ -158,11 +158,18 @@ def render(
     isa: str,
     has_bias: bool,
     activation: str | None,
+    tiles: tuple[int, int, int] | None = None,
 ) -> str:
-    """The C++ source of one kernel: a block of constants followed by the template."""
+    """The C++ source of one kernel: a block of constants followed by the template.
+
+    ``tiles`` = (rows, token vectors, chunks per k block) overrides the ISA's defaults (tuning).
+    """
     cfg = ISA_CONFIGS[isa]
     chunks = -(-in_features // m)
     kbc = max(1, L1_PANEL_BYTES // (m * cfg.tv * cfg.vl * 4))
+    if tiles is not None:
+        cfg = IsaConfig(cfg.vl, tiles[0], tiles[1], cfg.flags)
+        kbc = tiles[2]
     consts = {
         "NM_N": n,
         "NM_M": m,
@@ -208,11 +215,11 @@ class NMLinear(torch.nn.Module):
             raise BackendError(f"the kernel library {lib_path} has an unexpected ABI version")
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         lib.nm_xt_floats.argtypes, lib.nm_xt_floats.restype = [i64], i64
-        lib.nm_ybuf_floats.argtypes, lib.nm_ybuf_floats.restype = [], i64
+        lib.nm_ybuf_floats.argtypes, lib.nm_ybuf_floats.restype = [i32], i64
         lib.nm_forward.argtypes = [p, i64, p, p, p, p, p, p, i32]
         lib.nm_forward.restype = i32
         self._lib = lib
-        self._ybuf = torch.empty(max(1, lib.nm_ybuf_floats()), dtype=torch.float32)
+        self._ybuf = torch.empty(0, dtype=torch.float32)
         self._xt = torch.empty(0, dtype=torch.float32)
         self._lock = threading.Lock()
 
@@ -243,6 +250,10 @@ class NMLinear(torch.nn.Module):
             need = self._lib.nm_xt_floats(tokens)
             if self._xt.numel() < need:
                 self._xt = torch.empty(need, dtype=torch.float32)
+            threads = torch.get_num_threads()
+            need = max(1, self._lib.nm_ybuf_floats(threads))
+            if self._ybuf.numel() < need:
+                self._ybuf = torch.empty(need, dtype=torch.float32)
             bias = self.bias.data_ptr() if self.bias is not None else None
             self._lib.nm_forward(
                 x2.data_ptr(),
@@ -253,7 +264,7 @@ class NMLinear(torch.nn.Module):
                 y.data_ptr(),
                 self._xt.data_ptr(),
                 self._ybuf.data_ptr(),
-                torch.get_num_threads(),
+                threads,
             )
         return y.reshape(*lead, self.out_features)
 
@@ -268,10 +279,12 @@ def build_nm_linear(
     m: int,
     isa: str | None = None,
     node: str = "",
+    tiles: tuple[int, int, int] | None = None,
 ) -> torch.nn.Module:
     """A module computing ``act(x @ (weight*mask).T + bias)`` with a kernel built for this mask.
 
     ``isa`` None picks the best for this CPU; "avx512"/"avx2"/"scalar" force a path.
+    ``tiles`` (rows, token vectors, chunks per k block) overrides the tuned tile sizes.
     Raises BackendError when no compiler is found, the mask is not n:m, or the ISA is absent.
     """
     if activation not in ACTIVATIONS:
@@ -290,8 +303,9 @@ def build_nm_linear(
     out_features, in_features = weight.shape
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise BackendError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
-    packed = pack_nm(weight, mask, n, m, ISA_CONFIGS[isa].rows)
-    source = render(n, m, out_features, in_features, isa, bias is not None, activation)
+    rows = tiles[0] if tiles is not None else ISA_CONFIGS[isa].rows
+    packed = pack_nm(weight, mask, n, m, rows)
+    source = render(n, m, out_features, in_features, isa, bias is not None, activation, tiles)
     lib_path, key = compile_source(source, isa)
     dump_source(source, node=node or "nm_linear", pattern=f"{n}:{m}", key=key, language="c++")
     b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous().clone()

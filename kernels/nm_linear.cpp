@@ -17,7 +17,9 @@
 
 #include <omp.h>
 
+#include <array>
 #include <cstdint>
+#include <utility>
 #include <cstring>
 
 #if defined(__AVX512F__) && NM_VL == 16
@@ -308,9 +310,13 @@ static void tile_entry(const float* xt, const float* w, const uint8_t* id, int c
   tile<V>(xt, w, id, c0, c1, yb, first, last, rt, t0, T, bias, y);
 }
 
+template <int... I>
+static constexpr std::array<tile_fn, sizeof...(I)> make_table(std::integer_sequence<int, I...>) {
+  return {tile_entry<I + 1>...};
+}
+
 static tile_fn pick_tile(int v) {
-  static const tile_fn table[4] = {tile_entry<1>, tile_entry<(NM_TV > 1 ? 2 : 1)>,
-                                   tile_entry<(NM_TV > 2 ? 3 : 1)>, tile_entry<(NM_TV > 3 ? 4 : 1)>};
+  static constexpr auto table = make_table(std::make_integer_sequence<int, NM_TV>{});
   return table[(v < 1 ? 1 : v) - 1];
 }
 
@@ -320,14 +326,24 @@ int nm_abi_version(void) { return 1; }
 
 long nm_xt_floats(long T) { return ((T + TT - 1) / TT) * KP * TT; }
 
-long nm_ybuf_floats(void) { return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT; }
+// Panel groups: the largest divisor of nthreads that is at most the number of panels.
+static int grid_panels(long panels, int nthreads) {
+  int gp = 1;
+  for (int d = 1; d <= nthreads; ++d)
+    if (nthreads % d == 0 && d <= panels) gp = d;
+  return gp;
+}
+
+long nm_ybuf_floats(int nthreads) {
+  return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT * (nthreads < 1 ? 1 : nthreads);
+}
 
 // x: (T, NM_K) row-major; vals/idx: packed weight (idx readable 16 bytes past its end); bias: (NM_OUT) or null; y: (T, NM_OUT);
-// xt: nm_xt_floats(T) floats of scratch; ybuf: nm_ybuf_floats() floats of scratch.
+// xt: nm_xt_floats(T) floats of scratch; ybuf: nm_ybuf_floats(nthreads) floats of scratch.
 int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, const float* bias,
                float* y, float* xt, float* ybuf, int nthreads) {
   if (T <= 0) return 0;
-  static_assert(NM_TV >= 1 && NM_TV <= 4, "NM_TV must be in 1..4");
+  static_assert(NM_TV >= 1 && NM_TV <= 8, "NM_TV must be in 1..8");
   const long panels = (T + TT - 1) / TT;
   const long kblocks = (KP + 63) / 64;
   if (nthreads < 1) nthreads = 1;
@@ -343,17 +359,26 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
 #pragma omp parallel num_threads(nthreads)
   {
     // 1. Transpose x into token panels (zero-padded in tokens and in k).
-#pragma omp for schedule(static)
-    for (long b = 0; b < panels * kblocks; ++b) {
-      const long p = b / kblocks, k0 = (b % kblocks) * 64;
-      const long k1 = k0 + 64 < KP ? k0 + 64 : KP;
-      transpose_x(x, T, p * TT, k0, k1, xt + p * KP * TT);
-    }
-    // 2. Each thread owns a contiguous range of row tiles, for every panel and k block.
+    // Threads form a grid: gp groups over token panels x gr over row tiles. With at least as
+    // many panels as threads (128 tokens and more on 2 threads) each thread transposes and
+    // reads only its own panels, so no x data moves between cores.
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int rt0 = (int)((long)NT * tid / nth), rt1 = (int)((long)NT * (tid + 1) / nth);
+    const int gp = grid_panels(panels, nth), gr = nth / gp;
+    const int ip = tid % gp, ir = tid / gp;
+    if (ir < gr) {
+      for (long p = ip; p < panels; p += gp)
+        for (long b = ir; b < kblocks; b += gr) {
+          const long k0 = b * 64, k1 = k0 + 64 < KP ? k0 + 64 : KP;
+          transpose_x(x, T, p * TT, k0, k1, xt + p * KP * TT);
+        }
+    }
+#pragma omp barrier
+    if (ir >= gr) goto done;  // nth not a multiple of gp: the extra threads idle
+    {
+    const int rt0 = (int)((long)NT * ir / gr), rt1 = (int)((long)NT * (ir + 1) / gr);
     alignas(64) float stage[TT * ST_STRIDE];
-    for (long p = 0; p < panels; ++p) {
+    float* ybg = ybuf ? ybuf + (long)ip * NT * NM_R * TT : nullptr;
+    for (long p = ip; p < panels; p += gp) {
       const long t0 = p * TT;
       const long rem = T - t0;
       const int v = rem >= TT ? NM_TV : (int)((rem + NM_VL - 1) / NM_VL);
@@ -363,7 +388,7 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
         const int c1 = c0 + NM_KBC < NM_C ? c0 + NM_KBC : NM_C;
         for (int rt = rt0; rt < rt1; ++rt) {
           const long off = (long)rt * NM_C * NM_N * NM_R;
-          float* yb = ybuf ? ybuf + (long)rt * NM_R * TT : nullptr;
+          float* yb = ybg ? ybg + (long)rt * NM_R * TT : nullptr;
           const bool last = c1 == NM_C;
           fn(xp, vals + off, idx + off, c0, c1, yb, c0 == 0, last, rt, t0, T, bias,
              stage + (rt - rt0) % ST_TILES * NM_R);
@@ -379,6 +404,8 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
         }
       }
     }
+    }
+  done:;
   }
   return 0;
 }

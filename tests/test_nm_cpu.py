@@ -130,7 +130,7 @@ def test_batched_input_threads_and_attributes() -> None:
     ref = dense_reference(x, weight, mask, bias, "relu")
     old = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             torch.testing.assert_close(mod(x), ref, rtol=1e-4, atol=1e-4)
     finally:
