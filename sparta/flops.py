@@ -17,10 +17,7 @@ def _pairs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
 
 
 def matmul_flops(
-    op: Any,
-    masks: Mapping[str, torch.Tensor | None],
-    out: torch.Tensor,
-    shapes: Mapping[str, torch.Size],
+    op: Any, masks: Mapping[str, torch.Tensor | None], out: torch.Tensor
 ) -> tuple[int, int]:
     """(dense, sparse) FLOPs; (0, 0) for ops that are not matmul-like."""
     if op in (aten.linear.default,):

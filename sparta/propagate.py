@@ -145,8 +145,7 @@ def _node_entry(traced: Traced, n: fx.Node, result: Propagation) -> NodeEntry:
             for k, v in bound_arguments(n.target, n.args, n.kwargs).items()
             if isinstance(v, fx.Node)
         }
-        shapes = {k: m.shape for k, m in masks.items() if isinstance(m, torch.Tensor)}
-        entry.flops_dense, entry.flops_sparse = matmul_flops(n.target, masks, out, shapes)
+        entry.flops_dense, entry.flops_sparse = matmul_flops(n.target, masks, out)
     return entry
 
 
