@@ -388,6 +388,12 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
         const int c1 = c0 + NM_KBC < NM_C ? c0 + NM_KBC : NM_C;
         for (int rt = rt0; rt < rt1; ++rt) {
           const long off = (long)rt * NM_C * NM_N * NM_R;
+          if (rt + 1 < rt1) {  // the next tile's weights start a new page: fetch them early
+            const long nx = off + (long)NM_C * NM_N * NM_R + (long)c0 * NM_N * NM_R;
+            const long nb = (long)(c1 - c0) * NM_N * NM_R;
+            for (long b = 0; b < nb * 4; b += 64) __builtin_prefetch((const char*)(vals + nx) + b);
+            for (long b = 0; b < nb; b += 64) __builtin_prefetch(idx + nx + b);
+          }
           float* yb = ybg ? ybg + (long)rt * NM_R * TT : nullptr;
           const bool last = c1 == NM_C;
           fn(xp, vals + off, idx + off, c0, c1, yb, c0 == 0, last, rt, t0, T, bias,
