@@ -248,31 +248,44 @@ static void small_t(const float* __restrict x, long T, const float* __restrict v
     const float* w = vals + (long)rt * NM_C * NM_N * NM_R;
     const uint8_t* id = idx + (long)rt * NM_C * NM_N * NM_R;
     const int rows = (rt * NM_R + NM_R <= NM_OUT) ? NM_R : NM_OUT - rt * NM_R;
-#if NM_AVX512 && NM_M <= 16 && NM_R <= 16
-    const __mmask16 rmask = (__mmask16)((1u << NM_R) - 1u);
+#if NM_AVX512 && NM_N * NM_R <= 16 && NM_M <= 32
+    // Lanes = (chunk q < DG, pick j, row r): the DG * n * R values of DG consecutive chunks are
+    // contiguous in the layout; the x window of DG * m <= 32 floats sits in two registers and
+    // one two-source permute picks every lane's input. Lane groups are summed per row at the end.
+    constexpr int NR = NM_N * NM_R;
+    constexpr int DG = (16 / NR < 32 / NM_M) ? 16 / NR : 32 / NM_M;
+    alignas(64) int32_t qo[16];
+    for (int l = 0; l < 16; ++l) qo[l] = l < DG * NR ? (l / NR) * NM_M : 0;
+    const __m512i qoff = _mm512_load_si512(qo);
     __m512 acc[SMALL_T];
     for (int t = 0; t < SMALL_T; ++t) acc[t] = _mm512_setzero_ps();
-    for (int c = 0; c < NM_C; ++c) {
-      const int kin = NM_K - c * NM_M < NM_M ? NM_K - c * NM_M : NM_M;
-      const __mmask16 xmask = (__mmask16)((1u << kin) - 1u);
-      __m512 xc[SMALL_T];
-      for (int t = 0; t < SMALL_T && t < T; ++t)
-        xc[t] = _mm512_maskz_loadu_ps(xmask, x + t * NM_K + (long)c * NM_M);
-#pragma GCC unroll 16
-      for (int j = 0; j < NM_N; ++j) {
-        const long o = ((long)c * NM_N + j) * NM_R;
-        const __m512 wv = _mm512_maskz_loadu_ps(rmask, w + o);
-        const __m512i iv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(id + o)));
-        for (int t = 0; t < SMALL_T && t < T; ++t)
-          acc[t] = _mm512_fmadd_ps(wv, _mm512_permutexvar_ps(iv, xc[t]), acc[t]);
+    for (int c = 0; c < NM_C; c += DG) {
+      const int nc = NM_C - c < DG ? NM_C - c : DG;
+      const long o = (long)c * NR;
+      const __m512 wv = _mm512_maskz_loadu_ps((__mmask16)((1u << (nc * NR)) - 1u), w + o);
+      const __m512i iv = _mm512_add_epi32(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(id + o))), qoff);
+      const int kin0 = NM_K - c * NM_M, kin = kin0 < DG * NM_M ? kin0 : DG * NM_M;
+      const __mmask16 mlo = (__mmask16)(kin >= 16 ? 0xFFFFu : (1u << kin) - 1u);
+      const __mmask16 mhi = (__mmask16)(kin <= 16 ? 0u : (kin >= 32 ? 0xFFFFu : (1u << (kin - 16)) - 1u));
+      for (int t = 0; t < SMALL_T && t < T; ++t) {
+        const float* xw = x + t * NM_K + (long)c * NM_M;
+        const __m512 lo = _mm512_maskz_loadu_ps(mlo, xw);
+        const __m512 hi = _mm512_maskz_loadu_ps(mhi, xw + 16);
+        acc[t] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(lo, iv, hi), acc[t]);
       }
     }
-    const __mmask16 omask = (__mmask16)((1u << rows) - 1u);
-    const __m512 bv = NM_HAS_BIAS ? _mm512_maskz_loadu_ps(omask, bias + rt * NM_R)
-                                  : _mm512_setzero_ps();
-    for (int t = 0; t < SMALL_T && t < T; ++t)
-      _mm512_mask_storeu_ps(y + t * NM_OUT + rt * NM_R, omask,
-                            (__m512)activate((vf)_mm512_add_ps(acc[t], bv)));
+    for (int t = 0; t < SMALL_T && t < T; ++t) {
+      alignas(64) float a[16], z[NM_VL] = {};
+      _mm512_store_ps(a, acc[t]);
+      for (int r = 0; r < NM_R; ++r) {
+        float sum = 0.0f;
+        for (int g = 0; g < DG * NM_N; ++g) sum += a[g * NM_R + r];
+        z[r] = sum + ((NM_HAS_BIAS && r < rows) ? bias[rt * NM_R + r] : 0.0f);
+      }
+      vstore(z, activate(vload(z)));
+      std::memcpy(y + t * NM_OUT + rt * NM_R, z, sizeof(float) * rows);
+    }
 #else
     for (long t = 0; t < T; ++t) {
       const float* xt = x + t * NM_K;
