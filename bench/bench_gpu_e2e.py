@@ -45,8 +45,9 @@ class PatternAttention(nn.Module):
         n = length // block
         blocks = torch.eye(n, dtype=torch.bool) | torch.eye(n, dtype=torch.bool).roll(1, 1)
         blocks[:, 0] = True
-        self.register_buffer("pattern", blocks.repeat_interleave(block, 0)
-                             .repeat_interleave(block, 1))
+        self.register_buffer(
+            "pattern", blocks.repeat_interleave(block, 0).repeat_interleave(block, 1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
@@ -67,8 +68,15 @@ def row(name: str, model: nn.Module, attrs: dict, inputs: tuple, ref: nn.Module)
         comp = ms(lambda: compiled(*inputs))
         replay = compiled.capture_cuda_graph(*inputs)
         graphed = ms(lambda: replay(*inputs))
-    return [name, ",".join(picked), f"{err:.1e}", f"{dense:.4f}", f"{comp:.4f}",
-            f"{dense / comp:.2f}x", f"{dense / graphed:.2f}x"]
+    return [
+        name,
+        ",".join(picked),
+        f"{err:.1e}",
+        f"{dense:.4f}",
+        f"{comp:.4f}",
+        f"{dense / comp:.2f}x",
+        f"{dense / graphed:.2f}x",
+    ]
 
 
 def main() -> None:
@@ -88,14 +96,23 @@ def main() -> None:
     bert = TinyBert(hidden=768, heads=12, ffn=3072, layers=4).to(DEV, DT).eval()
     attrs = demo_masks(bert, heads_pruned=6)
     ids = torch.randint(0, 1000, (8, 256), device=DEV)
-    rows.append(row("TinyBert-768x4 (FFN 25%, 6/12 heads)", bert, attrs, (ids,),
-                    masked_reference(bert, attrs)))
+    rows.append(
+        row(
+            "TinyBert-768x4 (FFN 25%, 6/12 heads)",
+            bert,
+            attrs,
+            (ids,),
+            masked_reference(bert, attrs),
+        )
+    )
     attn = PatternAttention(768, 2048, 64, 12).to(DEV, DT).eval()
     xa = torch.randn(4, 2048, 768, device=DEV, dtype=DT)
     rows.append(row("pattern attention L=2048 64x64", attn, {}, (xa,), attn))
     head = ["case", "picked", "rel err", "dense ms", "compiled ms", "speedup", "w/ CUDA graph"]
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton "
-          f"{triton.__version__}, fp16")
+    print(
+        f"# {torch.cuda.get_device_name()} torch {torch.__version__} triton "
+        f"{triton.__version__}, fp16"
+    )
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:

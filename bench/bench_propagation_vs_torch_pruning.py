@@ -124,16 +124,35 @@ def _hf(name: str) -> nn.Module:
 
     torch.manual_seed(0)
     if name == "bert":
-        cfg = tr.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=128,
-                            max_position_embeddings=32)
+        cfg = tr.BertConfig(
+            vocab_size=100,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=32,
+        )
         return tr.BertModel(cfg, add_pooling_layer=False).eval()
     if name == "gpt2":
-        cfg = tr.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32,
-                            use_cache=False, bos_token_id=0, eos_token_id=0)
+        cfg = tr.GPT2Config(
+            vocab_size=100,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=32,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         return tr.GPT2Model(cfg).eval()
-    cfg = tr.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=128)
+    cfg = tr.ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+    )
     return tr.ViTModel(cfg, add_pooling_layer=False).eval()
 
 
@@ -155,10 +174,18 @@ def cases(seed: int) -> list[Case]:
     img = torch.randn(1, 3, 32, 32, generator=g)
     out: list[Case] = []
     layouts = {
-        "bert": ("encoder.layer.{i}.intermediate.dense",
-                 "encoder.layer.{i}.attention.self.{p}", ("query", "key", "value"), ids),
-        "vit": ("layers.{i}.mlp.fc1", "layers.{i}.attention.{p}",
-                ("q_proj", "k_proj", "v_proj"), img),
+        "bert": (
+            "encoder.layer.{i}.intermediate.dense",
+            "encoder.layer.{i}.attention.self.{p}",
+            ("query", "key", "value"),
+            ids,
+        ),
+        "vit": (
+            "layers.{i}.mlp.fc1",
+            "layers.{i}.attention.{p}",
+            ("q_proj", "k_proj", "v_proj"),
+            img,
+        ),
     }
     for name, (ffn, attn, qkv, x) in layouts.items():
         label = {"bert": "BERT", "vit": "ViT"}[name]
@@ -172,15 +199,23 @@ def cases(seed: int) -> list[Case]:
 
         out += [
             Case(label, "FFN units 50%", build, (x,), ffn_units),
-            Case(label, "1 head/layer (Q,K,V rows)", build, (x,), head_units,
-                 tp_roots=[u for u in head_units if u.layer.endswith(qkv[0])]),
+            Case(
+                label,
+                "1 head/layer (Q,K,V rows)",
+                build,
+                (x,),
+                head_units,
+                tp_roots=[u for u in head_units if u.layer.endswith(qkv[0])],
+            ),
             Case(label, "Q rows of 1 head/layer", build, (x,), q_units),
         ]
     # GPT-2: transformers Conv1D (weight is in x out), fused c_attn = [q | k | v]
     ffn_units = [Unit(f"h.{i}.mlp.c_fc", _pick(g, 256, 128)) for i in range(2)]
     heads = [_head(g, 4, 16) for _ in range(2)]
-    head_units = [Unit(f"h.{i}.attn.c_attn", tuple(j + 64 * p for p in range(3) for j in heads[i]))
-                  for i in range(2)]
+    head_units = [
+        Unit(f"h.{i}.attn.c_attn", tuple(j + 64 * p for p in range(3) for j in heads[i]))
+        for i in range(2)
+    ]
     q_units = [Unit(f"h.{i}.attn.c_attn", heads[i]) for i in range(2)]
 
     def gpt2() -> nn.Module:
@@ -196,8 +231,10 @@ def cases(seed: int) -> list[Case]:
         torch.manual_seed(0)
         return _randomise_bn(SmallResNet(), torch.Generator().manual_seed(1))
 
-    inner = [Unit(f"{b}.conv1", _pick(g, c, c // 2), (f"{b}.bn1",))
-             for b, c in (("block1", 16), ("block2", 16), ("block3", 32))]
+    inner = [
+        Unit(f"{b}.conv1", _pick(g, c, c // 2), (f"{b}.bn1",))
+        for b, c in (("block1", 16), ("block2", 16), ("block3", 32))
+    ]
     stream = [Unit("stem", _pick(g, 16, 4), ("bn",))]
     out += [
         Case("ResNet-style CNN", "inner block channels 50%", cnn, (img,), inner),
@@ -208,8 +245,15 @@ def cases(seed: int) -> list[Case]:
         torch.manual_seed(0)
         return _randomise_bn(FlipNet(), torch.Generator().manual_seed(1))
 
-    out.append(Case("CNN with channel flip", "conv1 channels 50%", flipnet, (img,),
-                    [Unit("conv1", _pick(g, 16, 8), ("bn1",))]))
+    out.append(
+        Case(
+            "CNN with channel flip",
+            "conv1 channels 50%",
+            flipnet,
+            (img,),
+            [Unit("conv1", _pick(g, 16, 8), ("bn1",))],
+        )
+    )
     return out
 
 
@@ -358,8 +402,11 @@ def run_tp(case: Case, model: nn.Module, attrs: dict[str, torch.Tensor]) -> Outc
         change = rel_change(ref, got)
         note = "" if change <= TOL else "pruned model's outputs differ from the masked model"
         if replaced:
-            note = "; ".join(filter(None, [f"{replaced} Conv1D -> nn.Linear first (TP does not "
-                                           "trace Conv1D)", note]))
+            note = "; ".join(
+                filter(
+                    None, [f"{replaced} Conv1D -> nn.Linear first (TP does not trace Conv1D)", note]
+                )
+            )
     except Exception as e:
         change, note = float("inf"), f"pruned model fails: {type(e).__name__}: {str(e)[:100]}"
     return Outcome(pruned, change, note, seconds)

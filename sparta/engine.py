@@ -9,7 +9,6 @@ when a mask it sees has changed, which keeps the cost roughly linear in graph si
 
 from __future__ import annotations
 
-import functools
 import operator
 import warnings
 from collections.abc import Mapping
@@ -278,9 +277,11 @@ def _kept(m: Mask) -> int:
     return int(torch.count_nonzero(m))
 
 
-@functools.lru_cache(maxsize=None)
 def _bound(node: fx.Node) -> dict[str, Any]:
-    return bound_arguments(node.target, node.args, node.kwargs)
+    """Schema-bound arguments, cached on the node (it lives and dies with its graph)."""
+    if "sparta_bound" not in node.meta:
+        node.meta["sparta_bound"] = bound_arguments(node.target, node.args, node.kwargs)
+    return node.meta["sparta_bound"]
 
 
 def _arg_keys(user: fx.Node, n: fx.Node) -> list[tuple]:
