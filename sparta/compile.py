@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -95,7 +96,9 @@ class _Emitter:
             else:
                 self.env[n] = self._copy(n)
         # Same calling convention and output structure as the exported module.
-        self.g._codegen = copy.deepcopy(traced.gm.graph._codegen)
+        with warnings.catch_warnings():  # torch's own pytree deprecation, not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            self.g._codegen = copy.deepcopy(traced.gm.graph._codegen)
         gm = fx.GraphModule(self.root, self.g)
         gm.graph.eliminate_dead_code()  # drops the full-size weights that shrinking replaced
         return fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
