@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_common import HEADER, TL_DTYPE, activation_src, reference_activation
+from .reference import linear as linear_reference
+from .triton_common import HEADER, TL_DTYPE, activation_src
 
 KERNEL_NAME = "sparta_bsmm_kernel"
 
@@ -127,8 +128,4 @@ def reference(
     activation: str | None = None,
 ) -> torch.Tensor:
     """Dense fp32 reference: act(x @ (weight * mask).T + bias)."""
-    w = weight.float() * mask
-    y = x.float() @ w.T
-    if bias is not None:
-        y = y + bias.float()
-    return reference_activation(y, activation)
+    return linear_reference(x, weight, mask, bias, activation, compute=torch.float32)

@@ -10,7 +10,7 @@ import re
 
 import torch
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+from .reference import ACTIVATIONS
 
 TL_DTYPE = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
@@ -35,19 +35,6 @@ def activation_src(activation: str | None, indent: int) -> str:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     pad = " " * indent
     return "".join(f"{pad}{line}\n" for line in _ACT_SRC[activation].splitlines())
-
-
-def reference_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """Dense reference of the fused epilogue."""
-    if activation is None:
-        return y
-    if activation == "relu":
-        return torch.relu(y)
-    if activation == "gelu":
-        return torch.nn.functional.gelu(y)
-    if activation == "gelu_tanh":
-        return torch.nn.functional.gelu(y, approximate="tanh")
-    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
 def interpreter_safe(source: str, dtype: torch.dtype) -> str:

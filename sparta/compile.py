@@ -14,7 +14,7 @@ from .errors import AttrError
 from .plan import MATMULS, Plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
 from .report import Report
-from .shrink import LINEAR, SDPA, VIEWS, expand, feature_keep
+from .shrink import LINEAR, VIEWS, expand, feature_keep
 from .timing import compare_ms
 
 
@@ -158,13 +158,6 @@ class _Emitter:
             if not (isinstance(shape[c.dim], int) and shape[c.dim] == -1):
                 shape[c.dim] = len(c.keep)
             args = (args[0], shape, *args[2:])
-        if n.target is SDPA and compact_ok:
-            args = tuple(
-                self.full(a)
-                if i == 3 and isinstance(a, fx.Node)
-                else (self.env[n.args[i]] if i < 3 else a)
-                for i, a in enumerate(n.args)
-            )
         new = self.g.call_function(n.target, tuple(args), kwargs)
         new.meta = {k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")}
         return new

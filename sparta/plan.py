@@ -9,6 +9,7 @@ the user leaves ``dense`` out.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .errors import BackendError, PlanError
+from .kernels import reference
 from .propagate import Propagated
 from .shrink import LINEAR, analyse, feature_keep
 from .tesa import detect_pattern
@@ -183,7 +185,7 @@ def _choose(
     w, wm, b = masked_weight(p, n, device)
     act_node = fusable_activation(n)
     act = ACTIVATIONS.get(act_node.target) if act_node is not None else None
-    act_fn = {"relu": F.relu, "gelu": F.gelu, None: lambda t: t}[act]
+    act_fn = functools.partial(reference.activation, name=act)
     candidates: dict[str, Callable[[], object]] = {"dense": lambda: act_fn(F.linear(x, w, b))}
     if "shrink" in backends:
         sub = _shrunk_call(p, n, layout, x, w, b, act_fn)
@@ -269,7 +271,7 @@ class _SemiStructuredLinear(torch.nn.Module):
 
         self.weight = to_sparse_semi_structured(w.contiguous())
         self.bias = b
-        self.act = {"relu": F.relu, "gelu": F.gelu, None: lambda t: t}[act]
+        self.act = functools.partial(reference.activation, name=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

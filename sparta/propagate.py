@@ -33,9 +33,6 @@ class Propagated:
     result: Propagation
     report: Report
 
-    def mask(self, node: fx.Node) -> Any:
-        return self.result.masks.get(node)
-
 
 def resolve_attrs(
     traced: Traced, attrs: Attrs

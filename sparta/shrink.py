@@ -10,7 +10,6 @@ applying the mask means, so the result equals the masked dense model.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -105,14 +104,17 @@ def _layout_of(traced, n, v, masks, layout, shrinkable) -> Compact | None:
     if t is SDPA:
         q, k, vv = args[:3]
         attn_mask = n.kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        mask_ok = (
-            attn_mask is None or _value(traced, attn_mask).shape[c.dim - 4] == 1
-            if isinstance(attn_mask, fx.Node)
-            else attn_mask is None
+        mask_ok = attn_mask is None or (
+            attn_mask not in layout and _broadcasts_over_heads(_value(traced, attn_mask))
         )
         if c.same(layout.get(k)) and c.same(layout.get(vv)) and c.dim == v.dim() - 3 and mask_ok:
             return c
     return None
+
+
+def _broadcasts_over_heads(mask: torch.Tensor) -> bool:
+    """An attention mask of shape (..., [H,] L, S) that is the same for every head."""
+    return mask.dim() < 3 or mask.shape[-3] == 1
 
 
 def _view_layout(src: torch.Tensor, out: torch.Tensor, c: Compact) -> Compact | None:
@@ -130,23 +132,9 @@ def _view_layout(src: torch.Tensor, out: torch.Tensor, c: Compact) -> Compact | 
     return None
 
 
-def shrunk_view_shape(shape: list, out: torch.Tensor, c: Compact) -> list:
-    """The view's shape argument with the compact dim's size replaced."""
-    new = list(shape)
-    if new[c.dim] != -1:
-        new[c.dim] = len(c.keep) * (out.shape[c.dim] // c.full) if c.full else 0
-        if new[c.dim] == 0 or out.shape[c.dim] == c.full:
-            new[c.dim] = len(c.keep)
-    return new
-
-
 def expand(x: torch.Tensor, dim: int, keep: torch.Tensor, full: int) -> torch.Tensor:
     """Put a compact value back at full size, zeros at the dropped indices."""
     shape = list(x.shape)
     shape[dim] = full
     out = x.new_zeros(shape)
     return out.index_copy_(dim, keep.to(x.device), x)
-
-
-def is_getitem(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target is operator.getitem

@@ -91,14 +91,8 @@ def check_soundness(
     for t in range(trials + 1):
         inputs = example_inputs if t == 0 else tuple(_fresh_like(v, gen) for v in example_inputs)
         worst = max(worst, max_violation(p, inputs))
-    dtype = next(
-        (
-            v.dtype
-            for v in p.traced.params and [p.traced.example[n] for n in p.traced.params.values()]
-            if v.is_floating_point()
-        ),
-        torch.float32,
-    )
+    params = [p.traced.example[n] for n in p.traced.params.values()]
+    dtype = next((v.dtype for v in params if v.is_floating_point()), torch.float32)
     tol = TOLERANCE.get(dtype, 1e-4)
     if worst > tol:
         raise AssertionError(

@@ -41,12 +41,6 @@ class Traced:
     example: dict[fx.Node, Any] = field(default_factory=dict)  # concrete value per node
     dynamic: bool = True
 
-    def value(self, node: fx.Node) -> Any:
-        return self.example.get(node)
-
-    def tensor_nodes(self) -> list[fx.Node]:
-        return [n for n in self.gm.graph.nodes if isinstance(self.example.get(n), torch.Tensor)]
-
 
 def _bind_inputs(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     try:

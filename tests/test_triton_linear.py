@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-# On a GPU machine run with TRITON_INTERPRET=0 for compiled kernels (the gpu-marked tests).
-
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
