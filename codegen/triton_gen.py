@@ -25,7 +25,7 @@ from .triton_attn import SDDMM, SparseInputMatmul
 from .triton_launch import Launcher
 from .triton_load import available, device_name, inspect_source, interpreting, load_kernel
 from .triton_pack import PackedLinear, TilePlan, mask_digest, pack_linear, plan_tiles
-from .triton_tune import INTERPRETER_CONFIG, LinearConfig, time_ms, tuned_config
+from .triton_tune import INTERPRETER_CONFIG, LinearConfig, time_ms, token_class, tuned_config
 
 __all__ = [
     "LinearConfig",
@@ -166,11 +166,14 @@ def build_block_sparse_linear(
     *,
     node: str = "",
     config: LinearConfig | None = None,
+    tokens: int | None = None,
 ) -> torch.nn.Module:
     """A module computing act(x @ (weight * mask).T + bias) with a mask-specialised kernel.
 
     Any mask is covered exactly: the kernel skips only (BN x BK) slabs with no kept element;
-    zeros inside kept slabs are stored. ``config`` overrides the measured tile choice.
+    zeros inside kept slabs are stored. ``config`` overrides the measured tile choice;
+    ``tokens`` (rows of x the caller expects) is the token count the tile sweep measures at
+    (default: a large batch). Any token count runs correctly whatever was tuned for.
     """
     what = f"node {node!r}" if node else "block-sparse linear"
     if weight.dim() != 2 or mask.shape != weight.shape or mask.dtype != torch.bool:
@@ -186,7 +189,10 @@ def build_block_sparse_linear(
     n, k = weight.shape
     dev = device_name(weight.device)
     digest = mask_digest(mask)
-    key = cache_key("triton-linear", digest, n, k, weight.dtype, dev, bias is not None, activation)
+    tune_m = token_class(tokens)
+    key = cache_key(
+        "triton-linear", digest, n, k, weight.dtype, dev, bias is not None, activation, tune_m
+    )
     if config is None:
         if weight.device.type == "cpu" or interpreting():
             config = INTERPRETER_CONFIG
@@ -196,6 +202,7 @@ def build_block_sparse_linear(
                 mask_key=key,
                 class_parts=(n, k, weight.dtype, dev, bias is not None, activation),
                 timer_for=lambda: _linear_timer(weight, bias, activation),
+                tokens=tune_m,
             )
     plan = plan_tiles(mask, config.bn, config.bk, cluster=config.cluster)
     module = _make_linear(weight, mask, bias, activation, plan, config, key=key)

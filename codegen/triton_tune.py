@@ -91,27 +91,46 @@ def _class_signature(plans: list[TilePlan], mask: torch.Tensor) -> str:
 Timer = Callable[[TilePlan, int, Launch], float]
 
 
-def sweep(plans: list[TilePlan], timer: Timer, top: int = 3) -> LinearConfig:
-    """Measure the ``top`` modelled plans at large M, then launch configs at small M."""
+def _fits(plan: TilePlan, launch: Launch) -> bool:
+    swap, block_m = launch[0], launch[1]
+    return block_m * plan.bn <= 256 * 128 and not (swap and plan.bn < 64)
+
+
+def sweep(plans: list[TilePlan], timer: Timer, tokens: int = TUNE_M[0]) -> LinearConfig:
+    """Measure plans x launch configs at ``tokens``, then the other regime's launch config.
+
+    The packing is chosen at the caller's token count: few tokens favour small tiles that
+    skip more of the weight, many tokens favour wide tiles that re-read less of x. At few
+    tokens every plan is measured (each run is short); at many, the 3 best modelled ones.
+    """
+    small_first = tokens <= SMALL_M
+    primary = SMALL_LAUNCH if small_first else LARGE_LAUNCH
     best: tuple[float, TilePlan, Launch] | None = None
-    for plan in plans[:top]:
-        for launch in LARGE_LAUNCH:
-            if launch[1] * plan.bn > 256 * 128 or (launch[0] and plan.bn < 64):
-                continue
-            t = timer(plan, TUNE_M[0], launch)
+    for plan in plans if small_first else plans[:3]:
+        for launch in (lc for lc in primary if _fits(plan, lc)):
+            t = timer(plan, tokens, launch)
             if debug_level() >= 1:
                 print(f"sparta tune {plan.bn}x{plan.bk} slabs={plan.n_slabs} "
-                      f"launch={launch} M={TUNE_M[0]}: {t:.4f} ms", file=sys.stderr)  # fmt: skip
+                      f"launch={launch} M={tokens}: {t:.4f} ms", file=sys.stderr)  # fmt: skip
             if best is None or t < best[0]:
                 best = (t, plan, launch)
     if best is None or not math.isfinite(best[0]):
         raise RuntimeError("no tile configuration could be compiled and run for this mask")
-    _, plan, large = best
-    smalls = [s for s in SMALL_LAUNCH if not (s[0] and plan.bn < 64)]
-    small = min(smalls, key=lambda launch: timer(plan, TUNE_M[1], launch))
+    _, plan, first = best
+    other_m = TUNE_M[0] if small_first else TUNE_M[1]
+    others = [lc for lc in (LARGE_LAUNCH if small_first else SMALL_LAUNCH) if _fits(plan, lc)]
+    second = min(others, key=lambda launch: timer(plan, other_m, launch))
+    large, small = (second, first) if small_first else (first, second)
     return LinearConfig(
         plan.bn, plan.bk, plan.clustered, *large[1:], large[0], *small[1:], small[0]
     )
+
+
+def token_class(tokens: int | None) -> int:
+    """The token count a sweep measures for a caller expecting ``tokens`` rows of x."""
+    if tokens is None:
+        return TUNE_M[0]
+    return min(TUNE_M[0], max(64, 1 << max(0, int(tokens) - 1).bit_length()))
 
 
 def _json_entry(key: str, make: Callable[[], LinearConfig]) -> LinearConfig:
@@ -132,13 +151,18 @@ def tuned_config(
     mask_key: str,
     class_parts: tuple[object, ...],
     timer_for: Callable[[], Timer],
+    tokens: int = TUNE_M[0],
 ) -> LinearConfig:
-    """The cached config of this mask; on a miss, the cached or freshly measured class one."""
+    """The cached config of this mask; on a miss, the cached or freshly measured class one.
+
+    ``tokens`` (a :func:`token_class`) must be part of ``mask_key``.
+    """
 
     def per_class() -> LinearConfig:
         plans = candidate_plans(mask)
-        key = cache_key("triton-linear-tune", *class_parts, _class_signature(plans, mask))
-        return _json_entry(key, lambda: sweep(plans, timer_for()))
+        sig = _class_signature(plans, mask)
+        key = cache_key("triton-linear-tune", *class_parts, tokens, sig)
+        return _json_entry(key, lambda: sweep(plans, timer_for(), tokens))
 
     return _json_entry(mask_key, per_class)
 

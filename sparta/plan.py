@@ -198,7 +198,7 @@ def _choose(
         if builder is None:
             continue
         try:
-            modules[family] = builder(w, wm, b, act, node=n.name)
+            modules[family] = builder(w, wm, b, act, node=n.name, tokens=x.numel() // x.shape[-1])
         except BackendError as e:
             warnings.warn(f"sparta: {family} cannot implement {n.name}: {e}", stacklevel=2)
             continue
@@ -244,7 +244,7 @@ def _builder(family: str, pattern, device: torch.device):
         if not nm_cpu.available():
             _warn_once("no C++ compiler found: the nm_cpu backend is off, dense is used instead")
             return None
-        return lambda w, wm, b, act, node: nm_cpu.build_nm_linear(
+        return lambda w, wm, b, act, node, tokens: nm_cpu.build_nm_linear(
             w, wm, b, act, n=pattern.n, m=pattern.m, node=node
         )
     if family == "cusparselt":
@@ -256,8 +256,8 @@ def _builder(family: str, pattern, device: torch.device):
 
         if not triton_gen.available(device):
             return None
-        return lambda w, wm, b, act, node: triton_gen.build_block_sparse_linear(
-            w, wm, b, act, node=node
+        return lambda w, wm, b, act, node, tokens: triton_gen.build_block_sparse_linear(
+            w, wm, b, act, node=node, tokens=tokens
         )
     return None
 
@@ -279,7 +279,7 @@ class _SemiStructuredLinear(torch.nn.Module):
         return self.act(y.reshape(*lead, -1))
 
 
-def _semi_structured_linear(w, wm, b, act, node):
+def _semi_structured_linear(w, wm, b, act, node, tokens):
     try:
         return _SemiStructuredLinear(w, b, act)
     except (RuntimeError, ValueError) as e:  # dtype/shape limits of the 2:4 kernels
