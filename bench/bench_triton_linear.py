@@ -195,7 +195,8 @@ def main() -> None:
             f"copy {bw / 1e12:.2f} TB/s")  # fmt: skip
     print(head, flush=True)
     rows = ["| M,N,K | mask | sparsity | dense ms | sparta ms | sparta | torch BSR | torch 2:4 "
-            "| floor | rel err | tile | stored | L2 TB/s | build s |", "|" + "---|" * 14]  # fmt: skip
+            "| floor | rel err | tile | stored | L2 TB/s | build s |",
+            "|" + "---|" * 14]  # fmt: skip
     for shape in shapes:
         x24 = torch.randn(shape[0], shape[2], dtype=DT, device="cuda")
         w24 = torch.randn(shape[1], shape[2], dtype=DT, device="cuda")

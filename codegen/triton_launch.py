@@ -1,14 +1,17 @@
 """Low-overhead launches of an already compiled Triton kernel.
 
-``kernel[grid](...)`` re-derives the argument specialisation on every call (tens of
-microseconds of Python on small problems). After the first launch of a given launch config
-and argument specialisation (pointer alignment, stride divisibility), the compiled kernel is
-called directly. The direct path is checked once against the standard path (bitwise equal
-outputs) and dropped for good if it differs or fails, so it can only be faster, never wrong.
+``kernel[grid](...)`` re-derives the argument specialisation on every call (about 21 us of
+Python per launch on triton 3.6, more than a small kernel runs). After the first launch of a
+given launch config and argument specialisation (pointer alignment, stride divisibility), the
+compiled kernel's C launcher is called directly (about 7 us). That call follows Triton's
+internal signature, so the direct path is checked once against the standard path (bitwise equal
+outputs) and dropped for good if it differs or fails: it can only be faster, never wrong.
+Launch hooks (a profiler's) are honoured as in Triton's own launch.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +36,13 @@ def _spec(args: Args) -> tuple[object, ...]:
     return tuple(out)
 
 
+@functools.cache
+def _knobs() -> Any:
+    from triton import knobs  # Triton >= 3.4; older ones fail the check-once and stay standard
+
+    return knobs
+
+
 class Launcher:
     """Launches ``kernel`` with all args positional (trailing ``n_constexpr`` are constexprs)."""
 
@@ -40,10 +50,8 @@ class Launcher:
         self.kernel = kernel
         self.n_constexpr = n_constexpr
         self.out_index = out_index
-        # Off by default: on triton 3.6 (H200, 2026-11-21) the direct runner measured slower
-        # on the host (41 us/call) than the standard launch (33 us/call). SPARTA_TRITON_DIRECT=1
-        # turns it on for Triton versions where it pays.
-        self.direct_ok = not interpreting() and os.environ.get("SPARTA_TRITON_DIRECT") == "1"
+        # SPARTA_TRITON_DIRECT=0 forces the standard path (e.g. to rule this one out).
+        self.direct_ok = not interpreting() and os.environ.get("SPARTA_TRITON_DIRECT") != "0"
         self._direct: dict[tuple[object, ...], Callable[[tuple[int, int, int], Args], None]] = {}
 
     def launch(self, grid: tuple[int, int, int], args: Args, warps: int, stages: int) -> None:
@@ -64,9 +72,18 @@ class Launcher:
 
     def _try_direct(self, key, ck: Any, grid, args: Args) -> None:
         try:
+            ck._init_handles()
+            run, function, meta = ck.run, ck.function, ck.packed_metadata
+            device = args[0].device.index
+            raw_stream = torch._C._cuda_getCurrentRawStream
+            hooks = _knobs().runtime
 
             def direct(g: tuple[int, int, int], a: Args) -> None:
-                ck[g](*a)
+                # what Triton's own launch does, minus re-binding and re-specialising the args
+                stream = raw_stream(device)
+                enter = hooks.launch_enter_hook
+                md = ck.launch_metadata(g, stream, *a) if enter is not None else None
+                run(g[0], g[1], g[2], stream, function, meta, md, enter, hooks.launch_exit_hook, *a)
 
             out = args[self.out_index]
             expected = out.clone()

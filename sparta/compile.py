@@ -250,4 +250,16 @@ def compile(
             budget_ms=400,
         )
         report.latency_dense_ms, report.latency_compiled_ms = t["dense"], t["compiled"]
+        if t["compiled"] > 1.05 * t["dense"]:
+            # Every node was picked by its own measured latency, yet the whole graph can lose:
+            # eager, more and smaller ops cost more launches than they save (GPU, small shapes).
+            hint = " Replay it as a CUDA graph: compiled.capture_cuda_graph(*inputs)." * (
+                dev.type == "cuda"
+            )
+            warnings.warn(
+                f"sparta: the compiled model measured slower than the dense one on {dev} "
+                f"({t['compiled']:.3f} ms vs {t['dense']:.3f} ms per call at the example "
+                f"inputs).{hint}",
+                stacklevel=2,
+            )
     return compiled

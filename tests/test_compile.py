@@ -140,3 +140,15 @@ def test_pruned_heads_shrink_with_a_shared_attention_mask() -> None:
     assert any(b.shape == (16, 32) for b in compiled.graph_module.buffers())  # 2 of 4 heads kept
     with torch.no_grad():
         assert_close_outputs(compiled(x), masked_reference(model, {"o.weight": cols})(x))
+
+
+def test_a_compiled_model_measured_slower_than_dense_is_reported(monkeypatch) -> None:
+    import sys
+
+    sc = sys.modules["sparta.compile"]  # the module (sparta.compile is also the function)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    mask = torch.rand(16, 16) > 0.5
+    monkeypatch.setattr(sc, "compare_ms", lambda fns, dev, **kw: {"dense": 1.0, "compiled": 2.0})
+    with pytest.warns(UserWarning, match=r"slower than the dense one .*2\.000 ms vs 1\.000 ms"):
+        compiled = sparta.compile(model, {"0.weight": mask}, (torch.randn(4, 16),))
+    assert compiled.report.latency_compiled_ms == 2.0

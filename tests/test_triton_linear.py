@@ -178,3 +178,34 @@ def test_gpu_tuned(density):
         pytest.skip("needs a CUDA GPU")
     for m in (1, 700, 5000):
         check(1024, 1000, m, density, torch.float16, act="relu", block=(32, 32), config=None)
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launch_matches_standard_path_across_shapes_and_graphs(monkeypatch):
+    if DEVICE.type != "cuda":
+        pytest.skip("needs a CUDA GPU")
+    w = torch.randn(512, 384, device=DEVICE, dtype=torch.float16)
+    mask = random_mask(512, 384, 0.3, (32, 32)).to(DEVICE)
+    fast = tg.build_block_sparse_linear(w, mask, config=GPU)
+    monkeypatch.setenv("SPARTA_TRITON_DIRECT", "0")
+    slow = tg.build_block_sparse_linear(w, mask, config=GPU)
+    assert not any(lc.direct_ok for lc in slow._launchers.values())
+    # ragged token counts and a misaligned view change the specialisation key between calls
+    base = torch.randn(2000 * 384 + 8, device=DEVICE, dtype=torch.float16)
+    for m, off in ((1, 0), (300, 0), (300, 3), (1000, 0), (7, 5), (300, 0)):
+        x = base[off : off + m * 384].view(m, 384)
+        for _ in range(2):  # the second call takes the direct path where it is on
+            assert torch.equal(fast(x), slow(x))
+    assert any(lc._direct for lc in fast._launchers.values())
+    # once a specialisation is checked, later calls launch directly: no re-check per call
+    tries = []
+    for lc in fast._launchers.values():
+        monkeypatch.setattr(lc, "_try_direct", lambda *a, _t=tries: _t.append(a))
+    x = base[: 300 * 384].view(300, 384)
+    for _ in range(3):
+        fast(x)
+    assert not tries
+    x = torch.randn(300, 384, device=DEVICE, dtype=torch.float16)
+    graphed = tg.capture_cuda_graph(fast, x)
+    x2 = torch.randn_like(x)
+    assert torch.equal(graphed(x2), slow(x2))
