@@ -134,6 +134,10 @@ def _choose_matmul(
     t = compare_ms({"dense": lambda: torch.matmul(a, b), family: lambda: mod(a, b)}, device)
     allowed = {k: v for k, v in t.items() if k != "dense" or "dense" in backends}
     impl = min(allowed, key=allowed.get)
+    if "shrink" in allowed and allowed["shrink"] <= SHRINK_TIE * allowed[impl]:
+        # A tie (host-bound timings on a GPU, noise) goes to the compact layout: mixing compact
+        # and full layouts along a chain costs gathers/scatters that no single node's timing sees.
+        impl = "shrink"
     return Choice(impl, t[impl], t["dense"], mod if impl != "dense" else None, None, t)
 
 
@@ -178,6 +182,9 @@ def make_plan(p: Propagated, device: torch.device, backends: Iterable[str] | Non
     return Plan(choices, layout, device, backends)
 
 
+SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
+
+
 def _choose(
     p: Propagated, n: fx.Node, layout: dict, device: torch.device, backends: tuple[str, ...]
 ) -> Choice:
@@ -209,6 +216,10 @@ def _choose(
     if not allowed:
         allowed = {"dense": dense_ms}  # no sparse family applies to this node
     impl = min(allowed, key=allowed.get)
+    if "shrink" in allowed and allowed["shrink"] <= SHRINK_TIE * allowed[impl]:
+        # A tie (host-bound timings on a GPU, noise) goes to the compact layout: mixing compact
+        # and full layouts along a chain costs gathers/scatters that no single node's timing sees.
+        impl = "shrink"
     return Choice(
         impl,
         timings[impl],

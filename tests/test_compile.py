@@ -152,3 +152,22 @@ def test_a_compiled_model_measured_slower_than_dense_is_reported(monkeypatch) ->
     with pytest.warns(UserWarning, match=r"slower than the dense one .*2\.000 ms vs 1\.000 ms"):
         compiled = sparta.compile(model, {"0.weight": mask}, (torch.randn(4, 16),))
     assert compiled.report.latency_compiled_ms == 2.0
+
+
+@pytest.mark.parametrize(("shrink_ms", "picked"), [(1.04, "shrink"), (1.2, "dense")])
+def test_a_shrink_within_noise_of_the_fastest_keeps_the_compact_layout(
+    monkeypatch, shrink_ms: float, picked: str
+) -> None:
+    import sparta.plan as sp
+
+    def fake(fns, dev, **kw):
+        return {k: {"dense": 1.0, "shrink": shrink_ms}.get(k, 9.0) for k in fns}
+
+    monkeypatch.setattr(sp, "compare_ms", fake)
+    torch.manual_seed(0)
+    model = TinyBert(hidden=64, heads=4, ffn=128, layers=1).eval()
+    attrs = demo_masks(model, heads_pruned=2)
+    ids = torch.randint(0, 1000, (2, 16))
+    compiled = sparta.compile(model, attrs, (ids,), measure=False)
+    impls = {c.impl for c in compiled.plan.choices.values() if "shrink" in c.candidates}
+    assert impls == {picked}
