@@ -14,7 +14,7 @@ from .errors import AttrError
 from .plan import MATMULS, Plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
 from .report import Report
-from .shrink import LINEAR, VIEWS, expand, feature_keep
+from .shrink import LINEAR, VIEWS, expand, linear_keep
 from .timing import compare_ms
 
 
@@ -133,7 +133,7 @@ class _Emitter:
         ex, masks = self.p.traced.example, self.p.result.masks
         w = ex[n.args[1]] * masks[n.args[1]].to(ex[n.args[1]].device)
         out_dim = masks[n].dim() - 1
-        keep_out = feature_keep(masks[n], out_dim).to(w.device)
+        keep_out = linear_keep(masks[n]).to(w.device)
         src = self.layout.get(n.args[0])
         x_compact = src is not None and src.dim == ex[n.args[0]].dim() - 1
         w = w[keep_out][:, src.keep.to(w.device)] if x_compact else w[keep_out]

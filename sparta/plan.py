@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .errors import BackendError, PlanError
 from .kernels import reference
 from .propagate import Propagated
-from .shrink import LINEAR, analyse, feature_keep
+from .shrink import LINEAR, analyse, linear_keep
 from .tesa import detect_pattern
 from .timing import compare_ms
 
@@ -233,7 +233,7 @@ def _choose(
 def _shrunk_call(p, n, layout, x, w, b, act_fn):
     """The smaller dense linear of a shrunk node, timed on compact inputs; None if nothing to
     shrink."""
-    out_keep = feature_keep(p.result.masks[n], p.result.masks[n].dim() - 1).to(x.device)
+    out_keep = linear_keep(p.result.masks[n]).to(x.device)
     src = layout.get(n.args[0])
     in_keep = src.keep.to(x.device) if src is not None and src.dim == x.dim() - 1 else None
     if len(out_keep) == w.shape[0] and in_keep is None:

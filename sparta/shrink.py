@@ -56,6 +56,24 @@ def feature_keep(mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (mask.any(dim=others) if others else mask).nonzero().flatten()
 
 
+KEEP_ALIGN = 8  # compact widths are padded to a multiple of this
+
+
+def linear_keep(mask: torch.Tensor) -> torch.Tensor:
+    """Output features a shrunk linear computes: the kept ones, padded with pruned ones (exact
+    zeros: their weight rows and bias are masked) up to a multiple of ``KEEP_ALIGN``. GEMM
+    libraries run odd widths on much slower kernels (cuBLAS: ~2x on an H200 for fp16)."""
+    keep = feature_keep(mask, mask.dim() - 1)
+    full = mask.shape[-1]
+    extra = min(-len(keep) % KEEP_ALIGN, full - len(keep))
+    if extra == 0:
+        return keep
+    pruned = torch.ones(full, dtype=torch.bool, device=keep.device)
+    pruned[keep] = False
+    pad = pruned.nonzero().flatten()[:extra]
+    return torch.sort(torch.cat([keep, pad])).values
+
+
 def _value(traced, n):
     return traced.example.get(n)
 
@@ -80,9 +98,7 @@ def _layout_of(traced, n, v, masks, layout, shrinkable) -> Compact | None:
     t = n.target
     args = n.args
     if t is LINEAR and n in shrinkable:
-        out = masks[n]
-        keep = feature_keep(out, out.dim() - 1)
-        return Compact(v.dim() - 1, keep, v.shape[-1])
+        return Compact(v.dim() - 1, linear_keep(masks[n]), v.shape[-1])
     src = args[0] if args and isinstance(args[0], fx.Node) else None
     c = layout.get(src)
     if c is None:

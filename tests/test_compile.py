@@ -171,3 +171,25 @@ def test_a_shrink_within_noise_of_the_fastest_keeps_the_compact_layout(
     compiled = sparta.compile(model, attrs, (ids,), measure=False)
     impls = {c.impl for c in compiled.plan.choices.values() if "shrink" in c.candidates}
     assert impls == {picked}
+
+
+def test_shrunk_widths_are_padded_to_aligned_sizes_with_exact_zeros() -> None:
+    from sparta.shrink import KEEP_ALIGN, linear_keep
+
+    mask = torch.zeros(4, 100, dtype=torch.bool)
+    kept = torch.tensor([3, 10, 11, 50, 97])
+    mask[:, kept] = True
+    keep = linear_keep(mask)
+    assert len(keep) == KEEP_ALIGN and set(kept.tolist()) <= set(keep.tolist())
+    assert torch.equal(keep, keep.sort().values)
+    assert len(linear_keep(torch.ones(2, 6, dtype=torch.bool))) == 6  # never past the full width
+    # end to end: an FFN keeping 13 of 64 units computes 16, and outputs are unchanged
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    units = torch.zeros(64, dtype=torch.bool)
+    units[torch.randperm(64)[:13]] = True
+    attrs = {"0.weight": units[:, None].expand(64, 32).clone(), "0.bias": units.clone()}
+    x = torch.randn(8, 32)
+    compiled = sparta.compile(model, attrs, (x,), backends=["shrink"], measure=False)
+    assert any(tuple(b.shape) == (16, 32) for b in compiled.graph_module.buffers())
+    with torch.no_grad():
+        assert_close_outputs(compiled(x), masked_reference(model, attrs)(x))
