@@ -1,10 +1,10 @@
 """The ``nm_cpu`` backend: n:m sparse linear layers as C++ generated per weight, built with g++.
 
 ``build_nm_linear`` packs the weight once (``sparta.kernels.nm_layout``), renders
-``kernels/nm_linear.cpp`` specialised to (n, m, shapes, tiles, ISA, bias, activation), compiles
-it into a plain shared library (no torch headers: about a second cold) through the one kernel
-cache, and loads it with ctypes. The kernel threads with OpenMP over output-row tiles, using
-``torch.get_num_threads()`` threads at each call. Layout and loop structure: docs/nm_cpu.md.
+``kernels/nm_linear.cpp`` specialised to (n, m, shapes, path, tiles, ISA, bias, activation),
+compiles it into a plain shared library (no torch headers: about a second cold) through the one
+kernel cache, and loads it with ctypes. The kernel threads with OpenMP, using
+``torch.get_num_threads()`` threads at each call. Paths, layout and loops: docs/nm_cpu.md.
 """
 
 from __future__ import annotations
@@ -48,6 +48,53 @@ BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-er
 ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 # Chunks per k block: the x panel slice a block reads (KBC * m * TV * VL floats) stays in L1.
 L1_PANEL_BYTES = 24 * 1024
+# Permute path (AVX-512; docs/nm_cpu.md): tokens per block (one accumulator each), the slice of
+# x a k block reads (tokens x k block, kept in L1), and the packed weights of a group of row
+# tiles (kept in L2 while every token block passes over them).
+PERM_TOKENS = 16
+L1_XBLOCK_BYTES = 24 * 1024
+PERM_GROUP_BYTES = 768 * 1024
+PATHS = ("perm", "tile")
+
+
+def _perm_slot(m: int) -> int:
+    """Floats per chunk in the permute path's packed copy of x (4, 8, 16 or 32)."""
+    return next(s for s in (4, 8, 16, 32) if m <= s)
+
+
+def perm_eligible(n: int, m: int, isa: str) -> bool:
+    """Whether the permute path can run: AVX-512, n divides 16 (R = 16 / n rows), m <= 32."""
+    return isa == "avx512" and 16 % n == 0 and m <= 32
+
+
+def choose_path(
+    n: int, m: int, isa: str, path: str | None = None, tiles: tuple[int, int, int] | None = None
+) -> str:
+    """The kernel path: "perm" (permute, rows as lanes) or "tile" (token vectors).
+
+    Default: "perm" where eligible and at most 1 in 4 weights is kept (1:4, 1:8, 1:10, 2:8...),
+    where it measured faster (bench/results/nm_cpu_2026-11-21b.md); "tile" otherwise (2:4).
+    ``tiles`` only applies to the tile path.
+    """
+    if path is None:
+        sparse = m >= 4 * n
+        path = "perm" if tiles is None and sparse and perm_eligible(n, m, isa) else "tile"
+    if path not in PATHS:
+        raise BackendError(f"path must be one of {PATHS} or None, got {path!r}.")
+    if path == "perm" and not perm_eligible(n, m, isa):
+        raise BackendError(
+            f"the perm path needs AVX-512, n dividing 16 and m <= 32; got {n}:{m} on {isa}."
+        )
+    if path == "perm" and tiles is not None:
+        raise BackendError("tiles (rows, token vectors, chunks) only apply to the tile path.")
+    return path
+
+
+def rows_per_tile(n: int, isa: str, path: str, tiles: tuple[int, int, int] | None) -> int:
+    """R: 16 / n for the perm path (the n picks of R rows fill 16 lanes), else the tile's rows."""
+    if path == "perm":
+        return 16 // n
+    return tiles[0] if tiles is not None else ISA_CONFIGS[isa].rows
 
 
 def compiler() -> str | None:
@@ -159,11 +206,14 @@ def render(
     has_bias: bool,
     activation: str | None,
     tiles: tuple[int, int, int] | None = None,
+    path: str | None = None,
 ) -> str:
     """The C++ source of one kernel: a block of constants followed by the template.
 
-    ``tiles`` = (rows, token vectors, chunks per k block) overrides the ISA's defaults (tuning).
+    ``tiles`` = (rows, token vectors, chunks per k block) overrides the ISA's defaults (tuning)
+    of the token-vector ("tile") path; ``path`` forces "perm" or "tile" (None: ``choose_path``).
     """
+    path = choose_path(n, m, isa, path, tiles)
     cfg = ISA_CONFIGS[isa]
     chunks = -(-in_features // m)
     kbc = max(1, L1_PANEL_BYTES // (m * cfg.tv * cfg.vl * 4))
@@ -182,9 +232,15 @@ def render(
         "NM_KBC": min(kbc, chunks),
         "NM_HAS_BIAS": int(has_bias),
         "NM_ACT": ACT_CODES[activation],
+        "NM_PERM": int(path == "perm"),
+        "NM_PTB": PERM_TOKENS,
+        "NM_PKB": min(chunks, max(1, L1_XBLOCK_BYTES // (PERM_TOKENS * _perm_slot(m) * 4))),
+        "NM_PGB": PERM_GROUP_BYTES,
     }
+    if path == "perm":
+        consts["NM_R"] = rows_per_tile(n, isa, path, tiles)
     head = "".join(f"#define {k} {v}\n" for k, v in consts.items())
-    return f"// isa: {isa}, {n}:{m}, activation: {activation}\n{head}{_template()}"
+    return f"// isa: {isa}, {n}:{m}, path: {path}, activation: {activation}\n{head}{_template()}"
 
 
 class NMLinear(torch.nn.Module):
@@ -199,19 +255,24 @@ class NMLinear(torch.nn.Module):
         source: str,
         key: str,
         lib_path: Path,
+        path: str = "tile",
     ) -> None:
         super().__init__()
         self.n, self.m, self.isa, self.activation = packed.n, packed.m, isa, activation
+        self.path = path
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.source, self.key, self.lib_path = source, key, lib_path
-        self.register_buffer("vals", packed.vals)
+        # flat, with 16 floats of slack: the permute path loads 16 values at a time
+        vals = torch.zeros(packed.vals.numel() + 16, dtype=torch.float32)
+        vals[: packed.vals.numel()] = packed.vals.flatten()
+        self.register_buffer("vals", vals)
         # flat, with 16 bytes of slack: the small-token path loads 16 indices at a time
         idx = torch.zeros(packed.idx.numel() + 16, dtype=torch.uint8)
         idx[: packed.idx.numel()] = packed.idx.flatten()
         self.register_buffer("idx", idx)
         self.register_buffer("bias", bias)
         lib = ctypes.CDLL(str(lib_path))
-        if lib.nm_abi_version() != 1:
+        if lib.nm_abi_version() != 2:
             raise BackendError(f"the kernel library {lib_path} has an unexpected ABI version")
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         lib.nm_xt_floats.argtypes, lib.nm_xt_floats.restype = [i64], i64
@@ -226,7 +287,8 @@ class NMLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"pattern={self.n}:{self.m}, isa={self.isa}, activation={self.activation}, "
+            f"pattern={self.n}:{self.m}, isa={self.isa}, path={self.path}, "
+            f"activation={self.activation}, "
             f"key={self.key}"
         )
 
@@ -280,11 +342,13 @@ def build_nm_linear(
     isa: str | None = None,
     node: str = "",
     tiles: tuple[int, int, int] | None = None,
+    path: str | None = None,
 ) -> torch.nn.Module:
     """A module computing ``act(x @ (weight*mask).T + bias)`` with a kernel built for this mask.
 
     ``isa`` None picks the best for this CPU; "avx512"/"avx2"/"scalar" force a path.
-    ``tiles`` (rows, token vectors, chunks per k block) overrides the tuned tile sizes.
+    ``tiles`` (rows, token vectors, chunks per k block) overrides the tile path's tile sizes;
+    ``path`` forces "perm" or "tile" (None: ``choose_path``, perm at 1:4 and sparser on AVX-512).
     Raises BackendError when no compiler is found, the mask is not n:m, or the ISA is absent.
     """
     if activation not in ACTIVATIONS:
@@ -303,10 +367,10 @@ def build_nm_linear(
     out_features, in_features = weight.shape
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise BackendError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
-    rows = tiles[0] if tiles is not None else ISA_CONFIGS[isa].rows
-    packed = pack_nm(weight, mask, n, m, rows)
-    source = render(n, m, out_features, in_features, isa, bias is not None, activation, tiles)
+    path = choose_path(n, m, isa, path, tiles)
+    packed = pack_nm(weight, mask, n, m, rows_per_tile(n, isa, path, tiles))
+    source = render(n, m, out_features, in_features, isa, bias is not None, activation, tiles, path)
     lib_path, key = compile_source(source, isa)
     dump_source(source, node=node or "nm_linear", pattern=f"{n}:{m}", key=key, language="c++")
     b = None if bias is None else bias.detach().to("cpu", torch.float32).contiguous().clone()
-    return NMLinear(packed, b, activation, isa, source, key, lib_path)
+    return NMLinear(packed, b, activation, isa, source, key, lib_path, path)

@@ -8,9 +8,13 @@
 // NM_R rows; for row tile rt, chunk c (NM_M consecutive inputs) and pick j < NM_N the NM_R
 // values are stored densely, vals[rt][c][j][r], with the position of each pick inside its chunk
 // in idx[rt][c][j][r] (uint8). A row keeping fewer than n values in a chunk gets zero-valued
-// picks. Tokens are the vector dimension: x is transposed once per call into panels of
-// NM_TV * NM_VL tokens, xt[panel][k][token], so one pick is one broadcast weight times NM_TV
-// contiguous activation vectors, accumulated in registers across the whole reduction.
+// picks. Two paths compute with it:
+// - tile (NM_PERM 0): tokens are the vector dimension: x is transposed once per call into panels
+//   of NM_TV * NM_VL tokens, xt[panel][k][token], so one pick is one broadcast weight times
+//   NM_TV contiguous activation vectors, accumulated in registers over a k block.
+// - perm (NM_PERM 1, AVX-512, n * R == 16): the n * R values of a chunk are one 16-lane vector;
+//   per token the chunk's inputs are permuted into the lanes by the indices (perm_forward).
+// 1-3 tokens (decode) take a third path over the same layout (small_t).
 #ifndef NM_N
 #error "nm_linear.cpp is a template: build it through sparta.codegen.nm_cpu"
 #endif
@@ -37,8 +41,6 @@ typedef int32_t vi __attribute__((vector_size(NM_VL * 4)));
 static constexpr int TT = NM_TV * NM_VL;  // tokens per panel
 static constexpr long KP = (long)NM_C * NM_M;  // padded reduction length
 static constexpr int NT = (NM_OUT + NM_R - 1) / NM_R;  // row tiles
-static constexpr int ST_TILES = 8;  // row tiles per staging block
-static constexpr int ST_STRIDE = ST_TILES * NM_R + 4;  // +4: room for 4-wide tail stores
 
 static inline vf splat(float s) { return s - vf{}; }
 static inline vf vload(const float* p) { return *(const vfu*)p; }
@@ -95,9 +97,11 @@ static inline vf activate(vf z) {
 }
 
 #if NM_AVX512
-// 8 rows x 16 tokens -> 16 tokens x rows 0..7 at st[t * ST_STRIDE + r], tokens t < tn only.
-// Writes 8 floats per token even when NM_R < 8; the next row tile overwrites the extra ones.
-static inline void store_transposed16(const __m512* a, float* st, long tn) {
+// 8 rows x 16 tokens -> y[t * NM_OUT + r] for tokens t < tn and rows r with bit r of mask set
+// (mu: rows 0-3, mw: rows 4-7). Each 128-bit lane of a transposed vector holds 4 rows of one
+// token; a masked store writes just that lane, so y is written directly with no staging pass.
+static inline void store_transposed16(const __m512* a, float* y, long tn, unsigned mu,
+                                      unsigned mw) {
   const __m512 t0 = _mm512_unpacklo_ps(a[0], a[1]), t1 = _mm512_unpackhi_ps(a[0], a[1]);
   const __m512 t2 = _mm512_unpacklo_ps(a[2], a[3]), t3 = _mm512_unpackhi_ps(a[2], a[3]);
   const __m512 t4 = _mm512_unpacklo_ps(a[4], a[5]), t5 = _mm512_unpackhi_ps(a[4], a[5]);
@@ -113,31 +117,71 @@ static inline void store_transposed16(const __m512* a, float* st, long tn) {
     for (int i = 0; i < 4; ++i) {
       const long t = 4 * l + i;
       if (t >= tn) continue;
-      const __mmask16 k = (__mmask16)(0xF << (4 * l));
-      _mm512_mask_storeu_ps(st + t * ST_STRIDE - 4 * l, k, u[i]);
-      if (NM_R > 4) _mm512_mask_storeu_ps(st + t * ST_STRIDE + 4 - 4 * l, k, w[i]);
+      _mm512_mask_storeu_ps(y + t * NM_OUT - 4 * l, (__mmask16)(mu << (4 * l)), u[i]);
+      if (NM_R > 4) _mm512_mask_storeu_ps(y + t * NM_OUT + 4 - 4 * l, (__mmask16)(mw << (4 * l)), w[i]);
     }
+}
+
+// In-register transpose of 16 x 16 floats: r[i][j] -> r[j][i].
+static inline void transpose16(__m512* r) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  // r[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xDD);
+  }
 }
 #endif
 
 // x (T, NM_K) -> xt[k][t] for tokens t0 + [0, TT) and k in [k0, k1), zero-padded.
 static inline void transpose_x(const float* __restrict x, long T, long t0, long k0, long k1,
                                float* __restrict dst) {
-#if NM_AVX512 || NM_AVX2
+#if NM_AVX512
+  // 16 tokens x 16 k at a time: 16 row loads (masked at the k end), one register transpose,
+  // 16 stores; every line of x is read once (gathers at a stride of K floats thrash L1 sets).
   for (int v = 0; v < NM_TV; ++v) {
     const long tb = t0 + v * NM_VL;
     const long valid = T - tb < 0 ? 0 : (T - tb < NM_VL ? T - tb : NM_VL);
-#if NM_AVX512
-    const __m512i vidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                              12, 13, 14, 15), _mm512_set1_epi32(NM_K));
-    const __mmask16 mk = (__mmask16)((1u << valid) - 1u);
-    for (long k = k0; k < k1; ++k) {
-      __m512 g = _mm512_setzero_ps();
-      if (k < NM_K && valid > 0)
-        g = _mm512_mask_i32gather_ps(g, mk, vidx, x + tb * NM_K + k, 4);
-      _mm512_storeu_ps(dst + k * TT + v * NM_VL, g);
+    for (long k = k0; k < k1; k += 16) {
+      const long kin = NM_K - k;
+      const __mmask16 mk = kin >= 16 ? (__mmask16)0xFFFF : (kin <= 0 ? (__mmask16)0 : (__mmask16)((1u << kin) - 1u));
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < valid ? _mm512_maskz_loadu_ps(mk, x + (tb + i) * NM_K + k) : _mm512_setzero_ps();
+      transpose16(r);
+      const long kn = k1 - k < 16 ? k1 - k : 16;
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j)
+        if (j < kn) _mm512_storeu_ps(dst + (k + j) * TT + v * NM_VL, r[j]);
     }
-#else
+  }
+#elif NM_AVX2
+  for (int v = 0; v < NM_TV; ++v) {
+    const long tb = t0 + v * NM_VL;
+    const long valid = T - tb < 0 ? 0 : (T - tb < NM_VL ? T - tb : NM_VL);
     const __m256i vidx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
                                             _mm256_set1_epi32(NM_K));
     const __m256 mk = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
@@ -148,7 +192,6 @@ static inline void transpose_x(const float* __restrict x, long T, long t0, long 
         g = _mm256_mask_i32gather_ps(g, x + tb * NM_K + k, vidx, mk, 4);
       _mm256_storeu_ps(dst + k * TT + v * NM_VL, g);
     }
-#endif
   }
 #else
   for (long t = 0; t < TT; ++t) {
@@ -169,7 +212,7 @@ template <int V>
 static inline void tile(const float* __restrict xt, const float* __restrict w,
                         const uint8_t* __restrict id, int c0, int c1, float* __restrict yb,
                         bool first, bool last, int rt, long t0, long T, const float* __restrict bias,
-                        float* __restrict st) {
+                        float* __restrict y) {
   vf acc[NM_R][V];
   if (first) {
 #pragma GCC unroll 16
@@ -191,7 +234,12 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
 #pragma GCC unroll 16
       for (int r = 0; r < NM_R; ++r) {
         const vf b = splat(wc[j * NM_R + r]);
-        const float* xp = xc + (long)ic[j * NM_R + r] * TT;
+        // indices come 8 to a 64-bit load and are unpacked with shifts (ALU ports), which
+        // takes one load per pick off the load ports (the limit of this loop)
+        const int q = j * NM_R + r;
+        uint64_t word;
+        std::memcpy(&word, ic + (q / 8) * 8, 8);
+        const float* xp = xc + (long)((word >> (8 * (q % 8))) & 0xFF) * TT;
 #pragma GCC unroll 8
         for (int v = 0; v < V; ++v) acc[r][v] += b * vload(xp + v * NM_VL);
       }
@@ -217,22 +265,23 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
 #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) vstore(&zb[r][v * NM_VL], activate(acc[r][v] + bv));
   }
-  // st: this thread's staging block, st[t][row - first row of the block]; nm_forward copies
-  // it into y a few row tiles at a time, so that every line of y is written once, whole.
+  // Written straight into y[t][row] (y: row 0 of this tile, token t0).
   const long tn = (T - t0 < V * NM_VL) ? T - t0 : V * NM_VL;
+  const int rows = (rt * NM_R + NM_R <= NM_OUT) ? NM_R : NM_OUT - rt * NM_R;
 #if NM_AVX512 && NM_R <= 8
+  const unsigned mu = rows >= 4 ? 0xFu : (1u << rows) - 1u;
+  const unsigned mw = rows <= 4 ? 0u : (1u << (rows - 4)) - 1u;
 #pragma GCC unroll 8
   for (int v = 0; v < V; ++v) {
     if (v * NM_VL >= tn) break;
     __m512 a[8];
 #pragma GCC unroll 8
     for (int r = 0; r < 8; ++r) a[r] = r < NM_R ? _mm512_loadu_ps(&zb[r][v * NM_VL]) : _mm512_setzero_ps();
-    store_transposed16(a, st + v * NM_VL * ST_STRIDE, tn - v * NM_VL);
+    store_transposed16(a, y + v * NM_VL * NM_OUT, tn - v * NM_VL, mu, mw);
   }
 #else
   for (long t = 0; t < tn; ++t)
-#pragma GCC unroll 16
-    for (int r = 0; r < NM_R; ++r) st[t * ST_STRIDE + r] = zb[r][t];
+    for (int r = 0; r < rows; ++r) y[t * NM_OUT + r] = zb[r][t];
 #endif
 }
 
@@ -333,11 +382,179 @@ static tile_fn pick_tile(int v) {
   return table[(v < 1 ? 1 : v) - 1];
 }
 
+
+#if NM_PERM
+// Permute path (AVX-512, n * R == 16, m <= 32): the 16 lanes of a vector are the (pick j, row r)
+// of one chunk of one row tile, exactly as the packed layout stores them, so a weight vector is
+// one load. Per token the chunk's m inputs sit in a register (one load from a packed copy of x)
+// and one permute by the pick indices lines them up with the weights: one permute + one FMA per
+// 16 kept weights, at any sparsity, and no transposes. Accumulators: one per token of a block
+// of NM_PTB tokens, so each weight vector serves NM_PTB FMAs; the n partial sums of a row are
+// folded at the end and the R outputs of a token are one masked store into y.
+static constexpr int PL = 16;  // lanes
+static_assert(NM_N * NM_R == PL, "permute path needs n * R == 16");
+static_assert(NM_M <= 32, "permute path needs m <= 32");
+// floats per chunk in the packed copy of x: windows never straddle a cache line
+static constexpr int PS = NM_M <= 4 ? 4 : (NM_M <= 8 ? 8 : (NM_M <= 16 ? 16 : 32));
+// token stride of the packed copy of x; +16 floats skew the tokens over the L1 sets
+static constexpr long PXS = (long)NM_C * PS + 16;
+
+static inline __m512 window(const float* p) {
+  if (PS == 4) return _mm512_castps128_ps512(_mm_load_ps(p));
+  if (PS == 8) return _mm512_castps256_ps512(_mm256_load_ps(p));
+  return _mm512_load_ps(p);
+}
+
+template <int TB>
+static inline void perm_tile(const float* __restrict xs, const float* __restrict w,
+                             const uint8_t* __restrict id, int c0, int c1, float* __restrict sp,
+                             bool first, bool last, int rt, const float* __restrict bias,
+                             float* __restrict y) {
+  __m512 acc[TB];
+  if (first) {
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_ps();
+  } else {
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) acc[t] = _mm512_load_ps(sp + t * PL);
+  }
+  const float* wc = w + (long)c0 * PL;
+  const uint8_t* ic = id + (long)c0 * PL;
+  // xs: chunk c0 of the block's first token
+  for (int c = 0; c < c1 - c0; ++c) {
+    const __m512 wv = _mm512_loadu_ps(wc + c * PL);
+    const __m512i iv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ic + c * PL)));
+    const float* xw = xs + (long)c * PS;
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) {
+      __m512 xv;
+      if (PS == 32)
+        xv = _mm512_permutex2var_ps(_mm512_load_ps(xw + t * PXS), iv,
+                                    _mm512_load_ps(xw + t * PXS + 16));
+      else
+        xv = _mm512_permutexvar_ps(iv, window(xw + t * PXS));
+      acc[t] = _mm512_fmadd_ps(wv, xv, acc[t]);
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 16
+    for (int t = 0; t < TB; ++t) _mm512_store_ps(sp + t * PL, acc[t]);
+    return;
+  }
+  const int rows = (rt * NM_R + NM_R <= NM_OUT) ? NM_R : NM_OUT - rt * NM_R;
+  const __mmask16 mr = (__mmask16)((1u << rows) - 1u);
+  const __m512 bv = NM_HAS_BIAS ? _mm512_maskz_loadu_ps(mr, bias + rt * NM_R) : _mm512_setzero_ps();
+  // lanes j * R + r: fold the n partial sums of row r into lane r
+  alignas(64) int32_t sh[NM_N][16];
+  for (int g = 0; g < NM_N; ++g)
+    for (int l = 0; l < 16; ++l) sh[g][l] = (l + g * NM_R) & 15;
+#pragma GCC unroll 16
+  for (int t = 0; t < TB; ++t) {
+    __m512 s = acc[t];
+#pragma GCC unroll 16
+    for (int g = 1; g < NM_N; ++g)
+      s = _mm512_add_ps(s, _mm512_permutexvar_ps(_mm512_load_si512(sh[g]), acc[t]));
+    const vf z = activate((vf)_mm512_add_ps(s, bv));
+    _mm512_mask_storeu_ps(y + t * NM_OUT, mr, (__m512)z);
+  }
+}
+
+typedef void (*perm_fn)(const float*, const float*, const uint8_t*, int, int, float*, bool, bool,
+                        int, const float*, float*);
+template <int TB>
+static void perm_entry(const float* xs, const float* w, const uint8_t* id, int c0, int c1,
+                       float* sp, bool first, bool last, int rt, const float* bias, float* y) {
+  perm_tile<TB>(xs, w, id, c0, c1, sp, first, last, rt, bias, y);
+}
+template <int... I>
+static constexpr std::array<perm_fn, sizeof...(I)> make_ptable(std::integer_sequence<int, I...>) {
+  return {perm_entry<I + 1>...};
+}
+static perm_fn pick_perm(int tb) {
+  static constexpr auto table = make_ptable(std::make_integer_sequence<int, NM_PTB>{});
+  return table[(tb < 1 ? 1 : tb) - 1];
+}
+
+// x (T, K) -> xs[t][c][0..PS) for tokens [t0, t1): chunk c of token t at xs + t * PXS + c * PS,
+// zero past K and past m.
+static inline void pack_x(const float* __restrict x, long t0, long t1, float* __restrict xs) {
+  for (long t = t0; t < t1; ++t) {
+    const float* src = x + t * NM_K;
+    float* dst = xs + t * PXS;
+    if (PS == NM_M) {  // the copy is x's row itself, zero-padded to C * m
+      std::memcpy(dst, src, sizeof(float) * NM_K);
+      for (long k = NM_K; k < KP; ++k) dst[k] = 0.0f;
+      continue;
+    }
+    for (int c = 0; c < NM_C; ++c) {
+      const long k = (long)c * NM_M;
+      const long kin = NM_K - k < NM_M ? NM_K - k : NM_M;
+      if (PS <= 16) {
+        const __mmask16 mk = (__mmask16)((1u << kin) - 1u);
+        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(mk, src + k));  // PS == 16 here
+      } else {
+        const __mmask16 ml = (__mmask16)(kin >= 16 ? 0xFFFFu : (1u << kin) - 1u);
+        const __mmask16 mh = (__mmask16)(kin <= 16 ? 0u : (1u << (kin - 16)) - 1u);
+        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(ml, src + k));
+        _mm512_store_ps(dst + 16, _mm512_maskz_loadu_ps(mh, src + k + 16));
+      }
+      dst += PS;
+    }
+  }
+}
+
+static void perm_forward(const float* x, long T, const float* vals, const uint8_t* idx,
+                         const float* bias, float* y, float* xs, float* spill, int nthreads) {
+  // Row tiles per group: the group's weights (~NM_PGB bytes) stay in L2 while every token
+  // block passes over them; within a token block, k blocks of NM_PKB chunks keep the block's
+  // slice of x in L1 while the group's row tiles read it.
+  constexpr long TILE_BYTES = (long)NM_C * PL * 5;
+  constexpr int GT = NM_PGB / TILE_BYTES < 1 ? 1 : (int)(NM_PGB / TILE_BYTES);
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    // 1. every thread packs a share of the tokens; all threads read all of them
+    pack_x(x, T * tid / nth, T * (tid + 1) / nth, xs);
+#pragma omp barrier
+    // 2. threads split the row tiles
+    const int rt0 = (int)((long)NT * tid / nth), rt1 = (int)((long)NT * (tid + 1) / nth);
+    for (int g0 = rt0; g0 < rt1; g0 += GT) {
+      const int g1 = g0 + GT < rt1 ? g0 + GT : rt1;
+      for (long t0 = 0; t0 < T; t0 += NM_PTB) {
+        const int tb = (int)(T - t0 < NM_PTB ? T - t0 : NM_PTB);
+        const perm_fn fn = pick_perm(tb);
+        for (int c0 = 0; c0 < NM_C; c0 += NM_PKB) {
+          const int c1 = c0 + NM_PKB < NM_C ? c0 + NM_PKB : NM_C;
+          for (int rt = g0; rt < g1; ++rt) {
+            const long off = (long)rt * NM_C * PL;
+            if (rt + 1 < g1) {  // the next tile's block of weights: fetch it early
+              const long nx = off + (long)NM_C * PL + (long)c0 * PL;
+              const long nb = (long)(c1 - c0) * PL;
+              for (long b = 0; b < nb * 4; b += 64) __builtin_prefetch((const char*)(vals + nx) + b);
+              for (long b = 0; b < nb; b += 64) __builtin_prefetch(idx + nx + b);
+            }
+            fn(xs + t0 * PXS + (long)c0 * PS, vals + off, idx + off, c0, c1,
+               spill + (long)rt * NM_PTB * PL, c0 == 0, c1 == NM_C, rt, bias,
+               y + t0 * NM_OUT + rt * NM_R);
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
 extern "C" {
 
-int nm_abi_version(void) { return 1; }
+int nm_abi_version(void) { return 2; }
 
-long nm_xt_floats(long T) { return ((T + TT - 1) / TT) * KP * TT; }
+long nm_xt_floats(long T) {
+#if NM_PERM
+  return T * PXS + 16;
+#else
+  return ((T + TT - 1) / TT) * KP * TT;
+#endif
+}
 
 // Panel groups: the largest divisor of nthreads that is at most the number of panels.
 static int grid_panels(long panels, int nthreads) {
@@ -348,10 +565,14 @@ static int grid_panels(long panels, int nthreads) {
 }
 
 long nm_ybuf_floats(int nthreads) {
+#if NM_PERM
+  return NM_PKB >= NM_C ? 0 : (long)NT * NM_PTB * 16;
+#endif
   return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT * (nthreads < 1 ? 1 : nthreads);
 }
 
-// x: (T, NM_K) row-major; vals/idx: packed weight (idx readable 16 bytes past its end); bias: (NM_OUT) or null; y: (T, NM_OUT);
+// x: (T, NM_K) row-major; vals/idx: packed weight (both readable 16 elements past their end);
+// bias: (NM_OUT) or null; y: (T, NM_OUT);
 // xt: nm_xt_floats(T) floats of scratch; ybuf: nm_ybuf_floats(nthreads) floats of scratch.
 int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, const float* bias,
                float* y, float* xt, float* ybuf, int nthreads) {
@@ -369,6 +590,10 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
     }
     return 0;
   }
+#if NM_PERM
+  perm_forward(x, T, vals, idx, bias, y, xt, ybuf, nthreads);
+  return 0;
+#endif
 #pragma omp parallel num_threads(nthreads)
   {
     // 1. Transpose x into token panels (zero-padded in tokens and in k).
@@ -389,7 +614,6 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
     if (ir >= gr) goto done;  // nth not a multiple of gp: the extra threads idle
     {
     const int rt0 = (int)((long)NT * ir / gr), rt1 = (int)((long)NT * (ir + 1) / gr);
-    alignas(64) float stage[TT * ST_STRIDE];
     float* ybg = ybuf ? ybuf + (long)ip * NT * NM_R * TT : nullptr;
     for (long p = ip; p < panels; p += gp) {
       const long t0 = p * TT;
@@ -410,16 +634,7 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
           float* yb = ybg ? ybg + (long)rt * NM_R * TT : nullptr;
           const bool last = c1 == NM_C;
           fn(xp, vals + off, idx + off, c0, c1, yb, c0 == 0, last, rt, t0, T, bias,
-             stage + (rt - rt0) % ST_TILES * NM_R);
-          if (last && ((rt - rt0) % ST_TILES == ST_TILES - 1 || rt == rt1 - 1)) {
-            const int rb = rt - (rt - rt0) % ST_TILES;  // first row tile of the staging block
-            const int row0 = rb * NM_R;
-            const int rows = ((rt + 1) * NM_R < NM_OUT ? (rt + 1) * NM_R : NM_OUT) - row0;
-            const long tn = rem < TT ? rem : TT;
-            for (long t = 0; t < tn; ++t)
-              std::memcpy(y + (t0 + t) * NM_OUT + row0, stage + t * ST_STRIDE,
-                          sizeof(float) * rows);
-          }
+             y + t0 * NM_OUT + rt * NM_R);
         }
       }
     }

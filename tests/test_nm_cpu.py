@@ -103,13 +103,67 @@ def test_patterns_ragged_tokens(n: int, m: int) -> None:
     check(mod, weight, mask, bias, None, TOKENS, gen)
 
 
+def paths() -> list[str | None]:
+    return ["tile", "perm"] if nm_cpu.detect_isa() == "avx512" else [None]
+
+
+@pytest.mark.parametrize("path", paths())
 @pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bias_and_activation(act: str | None, with_bias: bool) -> None:
+def test_bias_and_activation(act: str | None, with_bias: bool, path: str | None) -> None:
     weight, mask, bias, gen = make_case(50, 64, 2, 4, seed=3)
     bias = bias if with_bias else None
-    mod = nm_cpu.build_nm_linear(weight, mask, bias, act, n=2, m=4)
+    mod = nm_cpu.build_nm_linear(weight, mask, bias, act, n=2, m=4, path=path)
     check(mod, weight, mask, bias, act, [1, 3, 20, 100], gen)
+
+
+@pytest.mark.parametrize("path", ["tile", "perm"])
+@pytest.mark.parametrize("n,m", NM)
+def test_both_avx512_paths_ragged(path: str, n: int, m: int) -> None:
+    """Each AVX-512 path forced: odd N, K % m != 0 and K % 16 != 0, every token count."""
+    isa_or_skip("avx512")
+    weight, mask, bias, gen = make_case(37, 53, n, m, seed=5 * m + n)
+    mod = nm_cpu.build_nm_linear(weight, mask, bias, n=n, m=m, path=path)
+    assert mod.path == path and f"path: {path}" in mod.source
+    check(mod, weight, mask, bias, None, TOKENS, gen)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 10), (1, 4)])
+def test_perm_k_blocks_and_row_groups(monkeypatch: pytest.MonkeyPatch, n: int, m: int) -> None:
+    """Perm path with several k blocks (accumulators spilled between them), one row tile per
+    group, token blocks with tails, bias and activation, 1..3 threads."""
+    isa_or_skip("avx512")
+    monkeypatch.setattr(nm_cpu, "PERM_GROUP_BYTES", 1)
+    weight, mask, bias, gen = make_case(301, 1000, n, m, seed=17 * m + n)
+    mod = nm_cpu.build_nm_linear(weight, mask, bias, "gelu", n=n, m=m, path="perm")
+    assert "#define NM_PGB 1\n" in mod.source
+    chunks = math.ceil(1000 / m)
+    pkb = int(mod.source.split("#define NM_PKB ")[1].split()[0])
+    assert pkb < chunks  # several k blocks
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            check(mod, weight, mask, bias, "gelu", [1, 5, 16, 33, 130], gen)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_path_choice() -> None:
+    assert nm_cpu.choose_path(2, 4, "avx512") == "tile"
+    assert nm_cpu.choose_path(1, 4, "avx512") == "perm"
+    assert nm_cpu.choose_path(1, 10, "avx512") == "perm"
+    assert nm_cpu.choose_path(2, 8, "avx512") == "perm"
+    assert nm_cpu.choose_path(1, 40, "avx512") == "tile"  # m > 32
+    assert nm_cpu.choose_path(3, 16, "avx512") == "tile"  # n does not divide 16
+    assert nm_cpu.choose_path(1, 10, "avx2") == "tile"
+    assert nm_cpu.choose_path(1, 10, "avx512", tiles=(6, 4, 8)) == "tile"
+    with pytest.raises(BackendError, match="perm path needs"):
+        nm_cpu.choose_path(3, 16, "avx512", "perm")
+    with pytest.raises(BackendError, match="path must be"):
+        nm_cpu.choose_path(1, 4, "avx512", "fast")
+    with pytest.raises(BackendError, match="tiles"):
+        nm_cpu.choose_path(1, 4, "avx512", "perm", (6, 4, 8))
 
 
 @pytest.mark.parametrize("isa", ISAS)
