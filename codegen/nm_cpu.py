@@ -58,7 +58,7 @@ PATHS = ("perm", "tile")
 
 
 def _perm_slot(m: int) -> int:
-    """Floats per chunk in the permute path's packed copy of x (4, 8, 16 or 32)."""
+    """Floats per chunk in the perm path's packed copy of x: m rounded up to 4, 8, 16 or 32."""
     return next(s for s in (4, 8, 16, 32) if m <= s)
 
 
@@ -236,6 +236,7 @@ def render(
         "NM_PTB": PERM_TOKENS,
         "NM_PKB": min(chunks, max(1, L1_XBLOCK_BYTES // (PERM_TOKENS * _perm_slot(m) * 4))),
         "NM_PGB": PERM_GROUP_BYTES,
+        "NM_PS": _perm_slot(m),
     }
     if path == "perm":
         consts["NM_R"] = rows_per_tile(n, isa, path, tiles)

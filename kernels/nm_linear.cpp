@@ -394,15 +394,21 @@ static tile_fn pick_tile(int v) {
 static constexpr int PL = 16;  // lanes
 static_assert(NM_N * NM_R == PL, "permute path needs n * R == 16");
 static_assert(NM_M <= 32, "permute path needs m <= 32");
-// floats per chunk in the packed copy of x: windows never straddle a cache line
-static constexpr int PS = NM_M <= 4 ? 4 : (NM_M <= 8 ? 8 : (NM_M <= 16 ? 16 : 32));
-// token stride of the packed copy of x; +16 floats skew the tokens over the L1 sets
-static constexpr long PXS = (long)NM_C * PS + 16;
+// floats per chunk in the packed copy of x (NM_PS: m, or m rounded up to 4, 8, 16 or 32 so that
+// windows are aligned and never straddle a cache line)
+static constexpr int PS = NM_PS;
+static_assert(PS >= NM_M && PS <= 32, "NM_PS");
+// token stride of the packed copy of x (one k block of a token block); +16 floats skew the
+// tokens over the L1 sets
+static constexpr long PXS = (long)NM_PKB * PS + 16;
 
+// The window of one chunk (lanes >= m are don't-cares: indices are < m). Unaligned slots
+// (PS == m, not 4/8/16) read up to 16 floats past the chunk, inside the scratch's slack.
 static inline __m512 window(const float* p) {
   if (PS == 4) return _mm512_castps128_ps512(_mm_load_ps(p));
   if (PS == 8) return _mm512_castps256_ps512(_mm256_load_ps(p));
-  return _mm512_load_ps(p);
+  if (PS == 16) return _mm512_load_ps(p);
+  return _mm512_loadu_ps(p);
 }
 
 template <int TB>
@@ -428,9 +434,9 @@ static inline void perm_tile(const float* __restrict xs, const float* __restrict
 #pragma GCC unroll 16
     for (int t = 0; t < TB; ++t) {
       __m512 xv;
-      if (PS == 32)
-        xv = _mm512_permutex2var_ps(_mm512_load_ps(xw + t * PXS), iv,
-                                    _mm512_load_ps(xw + t * PXS + 16));
+      if (PS > 16)
+        xv = _mm512_permutex2var_ps(_mm512_loadu_ps(xw + t * PXS), iv,
+                                    _mm512_loadu_ps(xw + t * PXS + 16));
       else
         xv = _mm512_permutexvar_ps(iv, window(xw + t * PXS));
       acc[t] = _mm512_fmadd_ps(wv, xv, acc[t]);
@@ -475,23 +481,27 @@ static perm_fn pick_perm(int tb) {
   return table[(tb < 1 ? 1 : tb) - 1];
 }
 
-// x (T, K) -> xs[t][c][0..PS) for tokens [t0, t1): chunk c of token t at xs + t * PXS + c * PS,
-// zero past K and past m.
-static inline void pack_x(const float* __restrict x, long t0, long t1, float* __restrict xs) {
-  for (long t = t0; t < t1; ++t) {
-    const float* src = x + t * NM_K;
+// x rows [t0, t0 + tb), chunks [c0, c1) -> xs[t][c - c0][0..PS), zero past K and past m.
+static inline void pack_x(const float* __restrict x, long t0, int tb, int c0, int c1,
+                          float* __restrict xs) {
+  for (int t = 0; t < tb; ++t) {
+    const float* src = x + (t0 + t) * NM_K;
     float* dst = xs + t * PXS;
-    if (PS == NM_M) {  // the copy is x's row itself, zero-padded to C * m
-      std::memcpy(dst, src, sizeof(float) * NM_K);
-      for (long k = NM_K; k < KP; ++k) dst[k] = 0.0f;
+    if (PS == NM_M) {  // a piece of x's row, zero-padded past K
+      const long k0 = (long)c0 * NM_M, k1 = (long)c1 * NM_M, kv = k1 < NM_K ? k1 : NM_K;
+      std::memcpy(dst, src + k0, sizeof(float) * (kv - k0));
+      for (long k = kv; k < k1; ++k) dst[k - k0] = 0.0f;
       continue;
     }
-    for (int c = 0; c < NM_C; ++c) {
+    for (int c = c0; c < c1; ++c) {
       const long k = (long)c * NM_M;
       const long kin = NM_K - k < NM_M ? NM_K - k : NM_M;
       if (PS <= 16) {
         const __mmask16 mk = (__mmask16)((1u << kin) - 1u);
-        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(mk, src + k));  // PS == 16 here
+        const __m512 v = _mm512_maskz_loadu_ps(mk, src + k);
+        if (PS == 4) _mm_store_ps(dst, _mm512_castps512_ps128(v));
+        else if (PS == 8) _mm256_store_ps(dst, _mm512_castps512_ps256(v));
+        else _mm512_store_ps(dst, v);
       } else {
         const __mmask16 ml = (__mmask16)(kin >= 16 ? 0xFFFFu : (1u << kin) - 1u);
         const __mmask16 mh = (__mmask16)(kin <= 16 ? 0u : (1u << (kin - 16)) - 1u);
@@ -504,7 +514,7 @@ static inline void pack_x(const float* __restrict x, long t0, long t1, float* __
 }
 
 static void perm_forward(const float* x, long T, const float* vals, const uint8_t* idx,
-                         const float* bias, float* y, float* xs, float* spill, int nthreads) {
+                         const float* bias, float* y, float* spill, int nthreads) {
   // Row tiles per group: the group's weights (~NM_PGB bytes) stay in L2 while every token
   // block passes over them; within a token block, k blocks of NM_PKB chunks keep the block's
   // slice of x in L1 while the group's row tiles read it.
@@ -513,10 +523,9 @@ static void perm_forward(const float* x, long T, const float* vals, const uint8_
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    // 1. every thread packs a share of the tokens; all threads read all of them
-    pack_x(x, T * tid / nth, T * (tid + 1) / nth, xs);
-#pragma omp barrier
-    // 2. threads split the row tiles
+    // Threads split the row tiles; each packs the (token block x k block) slices of x it reads
+    // into its own L1-sized buffer (x is read once per group of row tiles).
+    alignas(64) float xs[NM_PTB * PXS + 32];
     const int rt0 = (int)((long)NT * tid / nth), rt1 = (int)((long)NT * (tid + 1) / nth);
     for (int g0 = rt0; g0 < rt1; g0 += GT) {
       const int g1 = g0 + GT < rt1 ? g0 + GT : rt1;
@@ -525,6 +534,7 @@ static void perm_forward(const float* x, long T, const float* vals, const uint8_
         const perm_fn fn = pick_perm(tb);
         for (int c0 = 0; c0 < NM_C; c0 += NM_PKB) {
           const int c1 = c0 + NM_PKB < NM_C ? c0 + NM_PKB : NM_C;
+          pack_x(x, t0, tb, c0, c1, xs);
           for (int rt = g0; rt < g1; ++rt) {
             const long off = (long)rt * NM_C * PL;
             if (rt + 1 < g1) {  // the next tile's block of weights: fetch it early
@@ -533,7 +543,7 @@ static void perm_forward(const float* x, long T, const float* vals, const uint8_
               for (long b = 0; b < nb * 4; b += 64) __builtin_prefetch((const char*)(vals + nx) + b);
               for (long b = 0; b < nb; b += 64) __builtin_prefetch(idx + nx + b);
             }
-            fn(xs + t0 * PXS + (long)c0 * PS, vals + off, idx + off, c0, c1,
+            fn(xs, vals + off, idx + off, c0, c1,
                spill + (long)rt * NM_PTB * PL, c0 == 0, c1 == NM_C, rt, bias,
                y + t0 * NM_OUT + rt * NM_R);
           }
@@ -550,7 +560,7 @@ int nm_abi_version(void) { return 2; }
 
 long nm_xt_floats(long T) {
 #if NM_PERM
-  return T * PXS + 16;
+  return 1;  // the perm path packs x into a per-thread stack buffer
 #else
   return ((T + TT - 1) / TT) * KP * TT;
 #endif
@@ -591,7 +601,7 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
     return 0;
   }
 #if NM_PERM
-  perm_forward(x, T, vals, idx, bias, y, xt, ybuf, nthreads);
+  perm_forward(x, T, vals, idx, bias, y, ybuf, nthreads);
   return 0;
 #endif
 #pragma omp parallel num_threads(nthreads)

@@ -128,6 +128,16 @@ def test_both_avx512_paths_ragged(path: str, n: int, m: int) -> None:
     check(mod, weight, mask, bias, None, TOKENS, gen)
 
 
+@pytest.mark.parametrize("n,m", [(1, 3), (1, 5), (1, 6), (2, 12), (1, 20), (1, 32), (4, 16)])
+def test_perm_chunk_slots(n: int, m: int) -> None:
+    """Perm path for m that is not the width of its x slot (3 -> 4, 5/6 -> 8, 12 -> 16,
+    20 -> 32: two-source permutes; 32) and n = 4 (R = 4, four partial sums per row)."""
+    isa_or_skip("avx512")
+    weight, mask, bias, gen = make_case(45, 3 * m + 7, n, m, seed=m)
+    mod = nm_cpu.build_nm_linear(weight, mask, bias, "relu", n=n, m=m, path="perm")
+    check(mod, weight, mask, bias, "relu", [1, 2, 3, 7, 16, 40], gen)
+
+
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 10), (1, 4)])
 def test_perm_k_blocks_and_row_groups(monkeypatch: pytest.MonkeyPatch, n: int, m: int) -> None:
     """Perm path with several k blocks (accumulators spilled between them), one row tile per
