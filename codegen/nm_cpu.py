@@ -62,6 +62,13 @@ def _perm_slot(m: int) -> int:
     return next(s for s in (4, 8, 16, 32) if m <= s)
 
 
+def _even_blocks(chunks: int, most: int) -> int:
+    """Chunks per k block: at most ``most``, the blocks as even as possible (77 chunks at most
+    24 a block: 20+20+20+17 rather than 24+24+24+5)."""
+    blocks = -(-chunks // max(1, most))
+    return -(-chunks // blocks)
+
+
 def perm_eligible(n: int, m: int, isa: str) -> bool:
     """Whether the permute path can run: AVX-512, n divides 16 (R = 16 / n rows), m <= 32."""
     return isa == "avx512" and 16 % n == 0 and m <= 32
@@ -234,7 +241,7 @@ def render(
         "NM_ACT": ACT_CODES[activation],
         "NM_PERM": int(path == "perm"),
         "NM_PTB": PERM_TOKENS,
-        "NM_PKB": min(chunks, max(1, L1_XBLOCK_BYTES // (PERM_TOKENS * _perm_slot(m) * 4))),
+        "NM_PKB": _even_blocks(chunks, L1_XBLOCK_BYTES // (PERM_TOKENS * _perm_slot(m) * 4)),
         "NM_PGB": PERM_GROUP_BYTES,
         "NM_PS": _perm_slot(m),
     }
@@ -281,8 +288,10 @@ class NMLinear(torch.nn.Module):
         lib.nm_forward.argtypes = [p, i64, p, p, p, p, p, p, i32]
         lib.nm_forward.restype = i32
         self._lib = lib
+        self._forward = lib.nm_forward
         self._ybuf = torch.empty(0, dtype=torch.float32)
         self._xt = torch.empty(0, dtype=torch.float32)
+        self._xt_tokens = self._yb_threads = 0
         self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
@@ -310,20 +319,25 @@ class NMLinear(torch.nn.Module):
         if tokens == 0:
             return y.reshape(*lead, self.out_features)
         with self._lock:
-            need = self._lib.nm_xt_floats(tokens)
-            if self._xt.numel() < need:
-                self._xt = torch.empty(need, dtype=torch.float32)
+            # scratch sizes are asked for only when tokens or threads grow (each ctypes call
+            # costs microseconds; a 1:10 layer takes well under a millisecond)
+            if tokens > self._xt_tokens:
+                need = self._lib.nm_xt_floats(tokens)
+                if self._xt.numel() < need:
+                    self._xt = torch.empty(need, dtype=torch.float32)
+                self._xt_tokens = tokens
             threads = torch.get_num_threads()
-            need = max(1, self._lib.nm_ybuf_floats(threads))
-            if self._ybuf.numel() < need:
-                self._ybuf = torch.empty(need, dtype=torch.float32)
-            bias = self.bias.data_ptr() if self.bias is not None else None
-            self._lib.nm_forward(
+            if threads > self._yb_threads:
+                need = max(1, self._lib.nm_ybuf_floats(threads))
+                if self._ybuf.numel() < need:
+                    self._ybuf = torch.empty(need, dtype=torch.float32)
+                self._yb_threads = threads
+            self._forward(
                 x2.data_ptr(),
                 tokens,
                 self.vals.data_ptr(),
                 self.idx.data_ptr(),
-                bias,
+                self.bias.data_ptr() if self.bias is not None else None,
                 y.data_ptr(),
                 self._xt.data_ptr(),
                 self._ybuf.data_ptr(),
