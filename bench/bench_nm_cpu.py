@@ -3,11 +3,12 @@
 One run, fp32, 2 threads, BERT-base shapes and a decode shape at 2:4, 1:4 and 1:10. Masks are
 plain magnitude n:m (keep the n largest |w| of every m along K; not grouped: the kernel's speed
 does not depend on grouping). Each time is the median of many calls after warm-up, the three
-implementations measured in interleaved rounds so that drift hits them alike. The fraction of
+implementations measured in interleaved rounds so that drift hits them alike. The nm_cpu column
+names the kernel path the backend chose (perm or tile, docs/nm_cpu.md). The fraction of
 peak is kept MACs (tokens * N * K * n/m) per second over the FMA rate that a compiled
 microkernel measures on this machine with the same thread count and ISA.
 
-    python bench/bench_nm_cpu.py [--out bench/results/nm_cpu_DATE.md] [--threads 2]
+    python bench/bench_nm_cpu.py [--out bench/results/nm_cpu_DATE.md] [--threads 2] [--budget 2]
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="")
     ap.add_argument("--date", default=dt.date.today().isoformat())
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of rounds per point")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -138,7 +140,7 @@ def main() -> None:
         "masks: magnitude n:m along K; times: median ms, interleaved rounds after warm-up",
     ]
     print("\n".join(head))
-    cols = "| T x K -> N | n:m | dense ms | CSR ms (path) | nm_cpu ms | vs dense | vs CSR | "
+    cols = "| T x K -> N | n:m | dense ms | CSR ms (path) | nm_cpu ms (path) | vs dense | vs CSR | "
     cols += "% peak | target |"
     rows = [cols, "|" + "---|" * 9]
     print(cols)
@@ -161,14 +163,14 @@ def main() -> None:
                 fns = {"dense": lambda d=dense, x=x: d(x), "nm": lambda md=mod, x=x: md(x)}
                 for name, f in csr_candidates(x, w_csr).items():
                     fns["csr:" + name] = lambda f=f, b=bias: f().add_(b)
-                ms = time_interleaved(fns)
+                ms = time_interleaved(fns, args.budget)
             csr_name = min((k_ for k_ in ms if k_.startswith("csr:")), key=ms.get)
             csr = ms[csr_name]
             frac = tokens * n_out * k * n / m / (ms["nm"] * 1e-3) / peak
             target = f"{TARGETS[(n, m)]}x" if tokens == 128 else "-"
             line = (
                 f"| {tokens} x {k} -> {n_out} | {n}:{m} | {ms['dense']:.3f} | {csr:.3f} "
-                f"({csr_name[4:]}) | {ms['nm']:.3f} | {ms['dense'] / ms['nm']:.2f}x | "
+                f"({csr_name[4:]}) | {ms['nm']:.3f} ({mod.path}) | {ms['dense'] / ms['nm']:.2f}x | "
                 f"{csr / ms['nm']:.2f}x | {100 * frac:.0f}% | {target} |"
             )
             print(line, flush=True)
