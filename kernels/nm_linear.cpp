@@ -14,7 +14,7 @@
 //   NM_TV contiguous activation vectors, accumulated in registers over a k block.
 // - perm (NM_PERM 1, AVX-512, n * R == 16): the n * R values of a chunk are one 16-lane vector;
 //   per token the chunk's inputs are permuted into the lanes by the indices (perm_forward).
-// 1-3 tokens (decode) take a third path over the same layout (small_t).
+// Few tokens (decode: 1-3, or 1-8 on the AVX-512 tile layout) take a third path (small_t).
 #ifndef NM_N
 #error "nm_linear.cpp is a template: build it through sparta.codegen.nm_cpu"
 #endif
@@ -288,7 +288,13 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
 // Few tokens (decode): the weight is read once per call, so this path is bound by weight
 // bandwidth. Rows of a tile are the vector lanes; a pick is a permute of the chunk of x held in a
 // register (AVX-512, m <= 16), or a scalar gather otherwise.
+#if NM_AVX512 && NM_N * NM_R <= 16 && NM_M <= 32 && !NM_PERM
+// The permute path below beats a 16-token tile panel up to ~8 tokens on the tile layout
+// (4 tokens: 2x, 8 tokens: 1.1-1.2x; 12-16 tokens: slower). The perm path covers small T itself.
+static constexpr int SMALL_T = 8;
+#else
 static constexpr int SMALL_T = 3;
+#endif
 
 static void small_t(const float* __restrict x, long T, const float* __restrict vals,
                     const uint8_t* __restrict idx, const float* __restrict bias, float* __restrict y,

@@ -21,7 +21,7 @@ from sparta.kernels.nm_layout import dense_reference, pack_nm, pattern_ids, unpa
 pytestmark = pytest.mark.skipif(not nm_cpu.available(), reason="no C++ compiler")
 
 NM = [(2, 4), (1, 4), (1, 8), (2, 8), (1, 10)]
-TOKENS = [1, 2, 3, 4, 17, 64, 65, 130, 512]
+TOKENS = [1, 2, 3, 4, 8, 9, 17, 64, 65, 130, 512]
 ISAS = ["scalar", "avx2", "avx512"]
 
 
@@ -114,7 +114,7 @@ def test_bias_and_activation(act: str | None, with_bias: bool, path: str | None)
     weight, mask, bias, gen = make_case(50, 64, 2, 4, seed=3)
     bias = bias if with_bias else None
     mod = nm_cpu.build_nm_linear(weight, mask, bias, act, n=2, m=4, path=path)
-    check(mod, weight, mask, bias, act, [1, 3, 20, 100], gen)
+    check(mod, weight, mask, bias, act, [1, 3, 6, 20, 100], gen)
 
 
 @pytest.mark.parametrize("path", ["tile", "perm"])
