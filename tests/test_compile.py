@@ -78,6 +78,7 @@ def test_backends_validation() -> None:
         sparta.compile(model, {}, inputs, backends=["cublas"], measure=False)
 
 
+@pytest.mark.filterwarnings("ignore:sparta. the compiled model measured slower")
 def test_report_has_latency_when_measured() -> None:
     model, inputs = MODELS["mlp"]()
     compiled = sparta.compile(model, structured_masks(model), inputs)
