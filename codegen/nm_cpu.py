@@ -201,7 +201,9 @@ def compile_source(source: str, isa: str) -> tuple[Path, str]:
 
 @functools.lru_cache(maxsize=1)
 def _template() -> str:
-    return resources.files("sparta.kernels").joinpath("nm_linear.cpp").read_text()
+    """nm_linear.cpp with nm_perm.cpp (the permute path) appended: one translation unit."""
+    kernels = resources.files("sparta.kernels")
+    return "".join(kernels.joinpath(f).read_text() for f in ("nm_linear.cpp", "nm_perm.cpp"))
 
 
 def render(
