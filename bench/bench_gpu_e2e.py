@@ -17,6 +17,7 @@ import torch.nn as nn
 import triton
 
 import sparta
+from sparta.cuda_graphs import capture
 from sparta.demo import TinyBert, demo_masks, masked_reference
 from sparta.timing import measure_ms
 
@@ -27,28 +28,6 @@ DT = torch.float16
 def ms(fn) -> float:
     """Eager latency as a user's loop sees it: calls back to back, host overhead included."""
     return measure_ms(fn, DEV, budget_ms=300)
-
-
-def graphed_dense(fn, inputs: tuple):
-    """``fn`` replayed as one CUDA graph (inputs copied in), like CompiledModel's capture."""
-    static = tuple(t.clone() for t in inputs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(3):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        out = fn(*static)
-
-    def replay(*xs):
-        for dst, src in zip(static, xs):
-            dst.copy_(src)
-        graph.replay()
-        return out
-
-    return replay
 
 
 def block_mask(n: int, k: int, block: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
@@ -92,7 +71,7 @@ def row(name: str, model: nn.Module, attrs: dict, inputs: tuple, ref: nn.Module)
         comp = ms(lambda: compiled(*inputs))
         replay = compiled.capture_cuda_graph(*inputs)
         graphed = ms(lambda: replay(*inputs))
-        dense_replay = graphed_dense(ref, inputs)
+        dense_replay = capture(ref, *inputs)
         dense_graphed = ms(lambda: dense_replay(*inputs))
     return [
         name,

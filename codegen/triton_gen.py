@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from sparta.cuda_graphs import capture
 from sparta.errors import BackendError
 from sparta.kernels import triton_bsmm
 from sparta.kernels.triton_common import ACTIVATIONS
@@ -245,26 +246,16 @@ class GraphCaptured(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, example_x: torch.Tensor) -> None:
         super().__init__()
         self.module = module
-        self.static_x = example_x.detach().clone()
-        stream = torch.cuda.Stream(device=example_x.device)
-        stream.wait_stream(torch.cuda.current_stream(example_x.device))
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):  # compile and warm up outside the capture
-                module(self.static_x)
-        torch.cuda.current_stream(example_x.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.static_y = module(self.static_x)
+        self.shape, self.dtype = example_x.shape, example_x.dtype
+        self._replay = capture(module, example_x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape != self.static_x.shape or x.dtype != self.static_x.dtype:
+        if x.shape != self.shape or x.dtype != self.dtype:
             raise BackendError(
-                f"the captured graph takes {tuple(self.static_x.shape)} {self.static_x.dtype}, "
+                f"the captured graph takes {tuple(self.shape)} {self.dtype}, "
                 f"got {tuple(x.shape)} {x.dtype}; capture again for another shape."
             )
-        self.static_x.copy_(x)
-        self.graph.replay()
-        return self.static_y
+        return self._replay(x)
 
 
 def capture_cuda_graph(module: torch.nn.Module, example_x: torch.Tensor) -> torch.nn.Module:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .cuda_graphs import capture
 from .errors import AttrError
 from .plan import MATMULS, Plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
@@ -178,24 +179,7 @@ class CompiledModel(torch.nn.Module):
 
     def capture_cuda_graph(self, *example: Any):
         """For fixed shapes on CUDA: a callable replaying a captured CUDA graph of forward."""
-        static_in = [e.clone() for e in example]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self(*static_in)
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self(*static_in)
-
-        def replay(*inputs: torch.Tensor):
-            for dst, src in zip(static_in, inputs):
-                dst.copy_(src)
-            graph.replay()
-            return static_out
-
-        return replay
+        return capture(self, *example)
 
 
 def _device_of(model: torch.nn.Module, example_inputs: tuple) -> torch.device:
@@ -253,8 +237,10 @@ def compile(
         if t["compiled"] > 1.05 * t["dense"]:
             # Every node was picked by its own measured latency, yet the whole graph can lose:
             # eager, more and smaller ops cost more launches than they save (GPU, small shapes).
-            hint = " Replay it as a CUDA graph: compiled.capture_cuda_graph(*inputs)." * (
-                dev.type == "cuda"
+            hint = (
+                " Replay it as a CUDA graph: compiled.capture_cuda_graph(*inputs)."
+                if dev.type == "cuda"
+                else ""
             )
             warnings.warn(
                 f"sparta: the compiled model measured slower than the dense one on {dev} "

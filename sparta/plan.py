@@ -26,6 +26,7 @@ from .tesa import detect_pattern
 from .timing import compare_ms
 
 FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu")
+SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
 ACTIVATIONS = {
     torch.ops.aten.relu.default: "relu",
     torch.ops.aten.gelu.default: "gelu",
@@ -134,10 +135,6 @@ def _choose_matmul(
     t = compare_ms({"dense": lambda: torch.matmul(a, b), family: lambda: mod(a, b)}, device)
     allowed = {k: v for k, v in t.items() if k != "dense" or "dense" in backends}
     impl = min(allowed, key=allowed.get)
-    if "shrink" in allowed and allowed["shrink"] <= SHRINK_TIE * allowed[impl]:
-        # A tie (host-bound timings on a GPU, noise) goes to the compact layout: mixing compact
-        # and full layouts along a chain costs gathers/scatters that no single node's timing sees.
-        impl = "shrink"
     return Choice(impl, t[impl], t["dense"], mod if impl != "dense" else None, None, t)
 
 
@@ -180,9 +177,6 @@ def make_plan(p: Propagated, device: torch.device, backends: Iterable[str] | Non
     shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
     layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
     return Plan(choices, layout, device, backends)
-
-
-SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
 
 
 def _choose(

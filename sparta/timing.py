@@ -17,7 +17,8 @@ def measure_ms(
     min_reps: int = 5,
     max_reps: int = 200,
 ) -> float:
-    """Median latency of ``fn()`` in milliseconds after warm-up, as an eager caller sees it.
+    """Median latency of ``fn()`` in milliseconds after warm-up, as an eager caller sees it
+    (``max_reps`` bounds the CPU samples; CUDA samples are rounds of back-to-back calls).
 
     On CUDA, calls run back to back between two events (median per-call time over rounds), so
     a call whose Python and launch overhead exceeds its kernel time is charged that overhead:
