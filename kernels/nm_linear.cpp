@@ -407,19 +407,12 @@ long nm_xt_floats(long T) {
 #endif
 }
 
-// Panel groups: the largest divisor of nthreads that is at most the number of panels.
-static int grid_panels(long panels, int nthreads) {
-  int gp = 1;
-  for (int d = 1; d <= nthreads; ++d)
-    if (nthreads % d == 0 && d <= panels) gp = d;
-  return gp;
-}
-
 long nm_ybuf_floats(int nthreads) {
 #if NM_PERM
   return NM_PKB >= NM_C ? 0 : (long)NT * NM_PTB * 16;
 #endif
-  return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT * (nthreads < 1 ? 1 : nthreads);
+  (void)nthreads;  // each row tile belongs to one thread
+  return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT;
 }
 
 // x: (T, NM_K) row-major; vals/idx: packed weight (both readable 16 elements past their end);
@@ -447,26 +440,20 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
 #endif
 #pragma omp parallel num_threads(nthreads)
   {
-    // 1. Transpose x into token panels (zero-padded in tokens and in k).
-    // Threads form a grid: gp groups over token panels x gr over row tiles. With at least as
-    // many panels as threads (128 tokens and more on 2 threads) each thread transposes and
-    // reads only its own panels, so no x data moves between cores.
+    // 1. Transpose x into token panels (zero-padded in tokens and in k), the k blocks shared
+    // out among the threads. 2. Threads split the row tiles and each runs every panel over its
+    // own tiles, so each reads only its share of the weights (from L3 when a previous layer
+    // has evicted them); with the panels split instead every thread read all the weights
+    // (docs/nm_cpu.md, "Threads").
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    const int gp = grid_panels(panels, nth), gr = nth / gp;
-    const int ip = tid % gp, ir = tid / gp;
-    if (ir < gr) {
-      for (long p = ip; p < panels; p += gp)
-        for (long b = ir; b < kblocks; b += gr) {
-          const long k0 = b * 64, k1 = k0 + 64 < KP ? k0 + 64 : KP;
-          transpose_x(x, T, p * TT, k0, k1, xt + p * KP * TT);
-        }
-    }
+    for (long p = 0; p < panels; ++p)
+      for (long b = tid; b < kblocks; b += nth) {
+        const long k0 = b * 64, k1 = k0 + 64 < KP ? k0 + 64 : KP;
+        transpose_x(x, T, p * TT, k0, k1, xt + p * KP * TT);
+      }
 #pragma omp barrier
-    if (ir >= gr) goto done;  // nth not a multiple of gp: the extra threads idle
-    {
-    const int rt0 = (int)((long)NT * ir / gr), rt1 = (int)((long)NT * (ir + 1) / gr);
-    float* ybg = ybuf ? ybuf + (long)ip * NT * NM_R * TT : nullptr;
-    for (long p = ip; p < panels; p += gp) {
+    const int rt0 = (int)((long)NT * tid / nth), rt1 = (int)((long)NT * (tid + 1) / nth);
+    for (long p = 0; p < panels; ++p) {
       const long t0 = p * TT;
       const long rem = T - t0;
       const int v = rem >= TT ? NM_TV : (int)((rem + NM_VL - 1) / NM_VL);
@@ -482,15 +469,13 @@ int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, co
             for (long b = 0; b < nb * 4; b += 64) __builtin_prefetch((const char*)(vals + nx) + b);
             for (long b = 0; b < nb; b += 64) __builtin_prefetch(idx + nx + b);
           }
-          float* yb = ybg ? ybg + (long)rt * NM_R * TT : nullptr;
+          float* yb = ybuf ? ybuf + (long)rt * NM_R * TT : nullptr;
           const bool last = c1 == NM_C;
           fn(xp, vals + off, idx + off, c0, c1, yb, c0 == 0, last, rt, t0, T, bias,
              y + t0 * NM_OUT + rt * NM_R);
         }
       }
     }
-    }
-  done:;
   }
   return 0;
 }
