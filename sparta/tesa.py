@@ -102,14 +102,25 @@ def _is_block(mask: torch.Tensor, bh: int, bw: int) -> bool:
     return torch.equal(full[..., :rows, :cols], mask)
 
 
+def _group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+    """Kept elements per group of ``m`` along the last dim; a last, shorter group (the last dim
+    not a multiple of ``m``) is counted as it is, like the n:m layout pads it."""
+    pad = -mask.shape[-1] % m
+    if pad:
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
+    return mask.reshape(*mask.shape[:-1], -1, m).sum(dim=-1)
+
+
 def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
+    """(n, m) where every full group of m keeps exactly n (a shorter last group at most n)."""
     k = mask.shape[-1]
     for m in NM_GROUPS:
-        if k % m or k < m:
+        if k < m:
             continue
-        counts = mask.reshape(-1, m).sum(dim=1)
-        n = int(counts.max())
-        if 0 < n < m and bool((counts == n).all()):
+        counts = _group_counts(mask, m)
+        full, tail = counts[..., : k // m], counts[..., k // m :]
+        n = int(full.max())
+        if 0 < n < m and bool((full == n).all()) and bool((tail <= n).all()):
             return n, m
     return None
 
@@ -149,10 +160,8 @@ def satisfies(mask: torch.Tensor, pattern: Pattern) -> bool:
     if k == "block":
         return mask.dim() >= 2 and _is_block(mask, *pattern.block)
     if k == "nm":
-        moved = mask.movedim(pattern.dim, -1)
-        if moved.shape[-1] % pattern.m:
-            return False
-        return bool((moved.reshape(-1, pattern.m).sum(dim=1) <= pattern.n).all())
+        counts = _group_counts(mask.movedim(pattern.dim, -1), pattern.m)
+        return bool((counts <= pattern.n).all())
     return False
 
 

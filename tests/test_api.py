@@ -9,6 +9,7 @@ import torch
 from models import MODELS
 
 import sparta
+from sparta.sparsifiers import NM
 from sparta.tesa import Pattern
 
 
@@ -101,6 +102,16 @@ def test_tesa_patterns_and_digest() -> None:
     assert sparta.TeSA(torch.ones(4, 4, dtype=torch.bool)).pattern.kind == "dense"
     nm = (torch.rand(8, 16).reshape(-1, 4).argsort(1) < 2).reshape(8, 16)
     assert str(sparta.TeSA(nm).pattern) == "2:4"
+    # K not a multiple of m: the last, shorter group keeps at most n (as NM makes it)
+    ragged = NM(1, 10).mask(torch.randn(6, 768))
+    assert str(sparta.TeSA(ragged).pattern) == "1:10"
+    assert str(sparta.TeSA(NM(2, 4).mask(torch.randn(5, 18))).pattern) == "2:4"
+    assert sparta.TeSA(ragged, "1:10").pattern.m == 10
+    over = ragged.clone()
+    over[0, -8:] = True  # the short last group keeps 8 > 1
+    assert sparta.TeSA(over).pattern.kind == "unstructured"
+    with pytest.raises(sparta.AttrError, match="does not satisfy"):
+        sparta.TeSA(over, "1:10")
     with pytest.raises(sparta.AttrError, match="does not satisfy"):
         sparta.TeSA(torch.rand(8, 8) > 0.5, "block(4x4)")
 
