@@ -88,21 +88,22 @@ def test_report_has_latency_when_measured() -> None:
     assert all(n["latency_ms"] > 0 and n["dense_latency_ms"] > 0 for n in linear)
 
 
-def test_nm_cpu_family_through_compile() -> None:
+@pytest.mark.parametrize("n,m,k", [(2, 4, 64), (1, 10, 66), (2, 4, 70)])  # ragged K too
+def test_nm_cpu_family_through_compile(n: int, m: int, k: int) -> None:
     from sparta.codegen import nm_cpu
     from sparta.sparsifiers import NM
 
     if not nm_cpu.available():
         pytest.skip("no C++ compiler")
-    lin = torch.nn.Linear(64, 48).eval()
-    attrs = sparta.sparsify(lin, {"weight": NM(2, 4)})
-    x = torch.randn(5, 64)
+    lin = torch.nn.Linear(k, 48).eval()
+    attrs = sparta.sparsify(lin, {"weight": NM(n, m)})
+    x = torch.randn(5, k)
     compiled = sparta.compile(lin, attrs, (x,), backends=["nm_cpu"], measure=False)
     assert {n.impl for n in compiled.report.nodes if n.latency_ms} == {"nm_cpu"}
     ref = masked_reference(lin, attrs)
     with torch.no_grad():
         for rows in (1, 7):
-            fresh = torch.randn(rows, 64)
+            fresh = torch.randn(rows, k)
             assert torch.allclose(compiled(fresh), ref(fresh), atol=1e-5)
 
 
