@@ -99,7 +99,7 @@ def test_nm_cpu_family_through_compile(n: int, m: int, k: int) -> None:
     attrs = sparta.sparsify(lin, {"weight": NM(n, m)})
     x = torch.randn(5, k)
     compiled = sparta.compile(lin, attrs, (x,), backends=["nm_cpu"], measure=False)
-    assert {n.impl for n in compiled.report.nodes if n.latency_ms} == {"nm_cpu"}
+    assert {node.impl for node in compiled.report.nodes if node.latency_ms} == {"nm_cpu"}
     ref = masked_reference(lin, attrs)
     with torch.no_grad():
         for rows in (1, 7):
