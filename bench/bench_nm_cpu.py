@@ -82,18 +82,31 @@ def measure_peak_fma(threads: int, isa: str) -> float:
     return best
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], budget_s: float = 2.0) -> dict:
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    budget_s: float = 2.0,
+    before: Callable[[], object] | None = None,
+) -> dict:
+    """Median ms of each function over interleaved rounds; ``before`` (untimed) runs ahead of
+    every timed call, e.g. another layer that evicts the caches."""
+
+    def prepare() -> None:
+        if before is not None:
+            before()
+
     for f in fns.values():
         for _ in range(3):
             f()
     # calibrate so that all rounds fit in about budget_s
     t = time.perf_counter()
     for f in fns.values():
+        prepare()
         f()
     rounds = max(15, min(300, int(budget_s / max(time.perf_counter() - t, 1e-6))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            prepare()
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)

@@ -12,32 +12,15 @@ path, one column per repetition, so the spread between repetitions is visible.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
-from bench_nm_cpu import magnitude_nm_mask
+from bench_nm_cpu import magnitude_nm_mask, time_interleaved
 
 from sparta.codegen import nm_cpu
 
 SHAPES = [(128, 768, 3072), (128, 3072, 768)]  # T, K, N
 PATTERNS = [(2, 4), (1, 4), (1, 10)]
-
-
-def medians_ms(
-    fns: dict[str, Callable[[], object]], before: Callable[[], object] | None, budget_s: float
-) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    end = time.perf_counter() + budget_s
-    while time.perf_counter() < end or len(times["dense"]) < 15:
-        for k, f in fns.items():
-            if before is not None:
-                before()
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def speedups(
@@ -59,7 +42,7 @@ def speedups(
             mod = nm_cpu.build_nm_linear(weight, mask, n=n, m=m, path=p)
             torch.testing.assert_close(mod(x), dense(x), rtol=1e-3, atol=1e-3)
             fns[p] = lambda md=mod: md(x)
-        ms = medians_ms(fns, (lambda: other(x)) if cold else None, budget_s)
+        ms = time_interleaved(fns, budget_s, (lambda: other(x)) if cold else None)
     return {p: ms["dense"] / ms[p] for p in paths if p in ms}
 
 

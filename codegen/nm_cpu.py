@@ -282,18 +282,18 @@ class NMLinear(torch.nn.Module):
         self.register_buffer("idx", idx)
         self.register_buffer("bias", bias)
         lib = ctypes.CDLL(str(lib_path))
-        if lib.nm_abi_version() != 2:
+        if lib.nm_abi_version() != 3:
             raise BackendError(f"the kernel library {lib_path} has an unexpected ABI version")
         p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
         lib.nm_xt_floats.argtypes, lib.nm_xt_floats.restype = [i64], i64
-        lib.nm_ybuf_floats.argtypes, lib.nm_ybuf_floats.restype = [i32], i64
+        lib.nm_ybuf_floats.argtypes, lib.nm_ybuf_floats.restype = [], i64
         lib.nm_forward.argtypes = [p, i64, p, p, p, p, p, p, i32]
         lib.nm_forward.restype = i32
         self._lib = lib
         self._forward = lib.nm_forward
-        self._ybuf = torch.empty(0, dtype=torch.float32)
+        self._ybuf = torch.empty(max(1, lib.nm_ybuf_floats()), dtype=torch.float32)
         self._xt = torch.empty(0, dtype=torch.float32)
-        self._xt_tokens = self._yb_threads = 0
+        self._xt_tokens = 0
         self._lock = threading.Lock()
 
     def extra_repr(self) -> str:
@@ -321,19 +321,14 @@ class NMLinear(torch.nn.Module):
         if tokens == 0:
             return y.reshape(*lead, self.out_features)
         with self._lock:
-            # scratch sizes are asked for only when tokens or threads grow (each ctypes call
-            # costs microseconds; a 1:10 layer takes well under a millisecond)
+            # the x scratch size is asked for only when tokens grow (each ctypes call costs
+            # microseconds; a 1:10 layer takes well under a millisecond)
             if tokens > self._xt_tokens:
                 need = self._lib.nm_xt_floats(tokens)
                 if self._xt.numel() < need:
                     self._xt = torch.empty(need, dtype=torch.float32)
                 self._xt_tokens = tokens
             threads = torch.get_num_threads()
-            if threads > self._yb_threads:
-                need = max(1, self._lib.nm_ybuf_floats(threads))
-                if self._ybuf.numel() < need:
-                    self._ybuf = torch.empty(need, dtype=torch.float32)
-                self._yb_threads = threads
             self._forward(
                 x2.data_ptr(),
                 tokens,

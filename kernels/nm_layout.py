@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from sparta.errors import BackendError
+from sparta.tesa import group_counts
 
 from . import reference
 from .reference import ACTIVATIONS  # noqa: F401  (re-exported for the C++ codegen)
@@ -56,13 +57,10 @@ def check_nm(mask: torch.Tensor, n: int, m: int) -> None:
         )
     if not (1 <= n < m <= 255):
         raise BackendError(f"n:m needs 1 <= n < m <= 255, got {n}:{m}.")
-    rows, k = mask.shape
-    chunks = math.ceil(k / m) if k else 0
-    padded = F.pad(mask, (0, chunks * m - k)).reshape(rows, chunks, m)
-    counts = padded.sum(dim=-1)
+    k = mask.shape[1]
+    counts = group_counts(mask, m)  # (N, chunks)
     if counts.numel() and int(counts.max()) > n:
-        worst = int(counts.argmax())
-        r, c = divmod(worst, chunks)
+        r, c = divmod(int(counts.argmax()), counts.shape[1])
         raise BackendError(
             f"the mask is not {n}:{m} along its last dim: row {r} keeps {int(counts.max())} of "
             f"inputs {c * m}..{min(c * m + m, k) - 1}, at most {n} allowed. Prune it with an n:m "

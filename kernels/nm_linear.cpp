@@ -397,7 +397,7 @@ static void perm_forward(const float* x, long T, const float* vals, const uint8_
 
 extern "C" {
 
-int nm_abi_version(void) { return 2; }
+int nm_abi_version(void) { return 3; }
 
 long nm_xt_floats(long T) {
 #if NM_PERM
@@ -407,17 +407,17 @@ long nm_xt_floats(long T) {
 #endif
 }
 
-long nm_ybuf_floats(int nthreads) {
+// Accumulator spill slots between k blocks, one per row tile (each tile belongs to one thread).
+long nm_ybuf_floats(void) {
 #if NM_PERM
   return NM_PKB >= NM_C ? 0 : (long)NT * NM_PTB * 16;
 #endif
-  (void)nthreads;  // each row tile belongs to one thread
   return NM_KBC >= NM_C ? 0 : (long)NT * NM_R * TT;
 }
 
 // x: (T, NM_K) row-major; vals/idx: packed weight (both readable 16 elements past their end);
 // bias: (NM_OUT) or null; y: (T, NM_OUT);
-// xt: nm_xt_floats(T) floats of scratch; ybuf: nm_ybuf_floats(nthreads) floats of scratch.
+// xt: nm_xt_floats(T) floats of scratch; ybuf: nm_ybuf_floats() floats of scratch.
 int nm_forward(const float* x, long T, const float* vals, const uint8_t* idx, const float* bias,
                float* y, float* xt, float* ybuf, int nthreads) {
   if (T <= 0) return 0;

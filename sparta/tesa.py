@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .errors import AttrError
 
@@ -102,13 +103,11 @@ def _is_block(mask: torch.Tensor, bh: int, bw: int) -> bool:
     return torch.equal(full[..., :rows, :cols], mask)
 
 
-def _group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
+def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     """Kept elements per group of ``m`` along the last dim; a last, shorter group (the last dim
     not a multiple of ``m``) is counted as it is, like the n:m layout pads it."""
-    pad = -mask.shape[-1] % m
-    if pad:
-        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], pad)], dim=-1)
-    return mask.reshape(*mask.shape[:-1], -1, m).sum(dim=-1)
+    padded = F.pad(mask, (0, -mask.shape[-1] % m))
+    return padded.reshape(*mask.shape[:-1], padded.shape[-1] // m, m).sum(dim=-1)
 
 
 def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
@@ -117,7 +116,7 @@ def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
     for m in NM_GROUPS:
         if k < m:
             continue
-        counts = _group_counts(mask, m)
+        counts = group_counts(mask, m)
         full, tail = counts[..., : k // m], counts[..., k // m :]
         n = int(full.max())
         if 0 < n < m and bool((full == n).all()) and bool((tail <= n).all()):
@@ -160,7 +159,7 @@ def satisfies(mask: torch.Tensor, pattern: Pattern) -> bool:
     if k == "block":
         return mask.dim() >= 2 and _is_block(mask, *pattern.block)
     if k == "nm":
-        counts = _group_counts(mask.movedim(pattern.dim, -1), pattern.m)
+        counts = group_counts(mask.movedim(pattern.dim, -1), pattern.m)
         return bool((counts <= pattern.n).all())
     return False
 
