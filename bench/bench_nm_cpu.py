@@ -169,7 +169,7 @@ def main() -> None:
                 dense.weight.copy_(weight * mask)
                 dense.bias.copy_(bias)
             w_csr = (weight * mask).to_sparse_csr()
-            mod = nm_cpu.build_nm_linear(weight, mask, bias, n=n, m=m)
+            mod = nm_cpu.build_nm_linear(weight, mask, bias, n=n, m=m, tokens=tokens)
             with torch.no_grad():
                 ref = dense(x)
                 torch.testing.assert_close(mod(x), ref, rtol=1e-3, atol=1e-3)

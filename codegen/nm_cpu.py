@@ -55,6 +55,8 @@ PERM_TOKENS = 16
 L1_XBLOCK_BYTES = 24 * 1024
 PERM_GROUP_BYTES = 768 * 1024
 PATHS = ("perm", "tile")
+# Between 1 in 4 and 1 in 8 kept, the tile path wins above this many tokens (choose_path).
+PERM_MAX_TOKENS = 32
 
 
 def _perm_slot(m: int) -> int:
@@ -75,17 +77,26 @@ def perm_eligible(n: int, m: int, isa: str) -> bool:
 
 
 def choose_path(
-    n: int, m: int, isa: str, path: str | None = None, tiles: tuple[int, int, int] | None = None
+    n: int,
+    m: int,
+    isa: str,
+    path: str | None = None,
+    tiles: tuple[int, int, int] | None = None,
+    tokens: int | None = None,
 ) -> str:
     """The kernel path: "perm" (permute, rows as lanes) or "tile" (token vectors).
 
-    Default: "perm" where eligible and at most 1 in 4 weights is kept (1:4, 1:8, 1:10, 2:8...),
-    where it measured faster (bench/results/nm_cpu_2026-11-21b.md); "tile" otherwise (2:4).
-    ``tiles`` only applies to the tile path.
+    Default, where perm is eligible (bench/results/nm_cpu_2026-11-22b.md, 2 threads): "perm" at
+    1 in 8 kept or sparser (1:8, 1:10, 2:16...), where it is 1.2-1.4x faster at every token
+    count; between 1 in 4 and 1 in 8 (1:4, 2:8) "perm" for at most PERM_MAX_TOKENS tokens
+    (decode: 1.1-1.4x faster) and "tile" for more (1.1-1.2x faster at 64-128); "tile" for
+    denser masks (2:4). ``tokens`` is the caller's token count (None: few). ``tiles`` only
+    applies to the tile path.
     """
     if path is None:
-        sparse = m >= 4 * n
-        path = "perm" if tiles is None and sparse and perm_eligible(n, m, isa) else "tile"
+        eligible = tiles is None and m >= 4 * n and perm_eligible(n, m, isa)
+        few = tokens is None or tokens <= PERM_MAX_TOKENS
+        path = "perm" if eligible and (m >= 8 * n or few) else "tile"
     if path not in PATHS:
         raise BackendError(f"path must be one of {PATHS} or None, got {path!r}.")
     if path == "perm" and not perm_eligible(n, m, isa):
@@ -355,12 +366,14 @@ def build_nm_linear(
     node: str = "",
     tiles: tuple[int, int, int] | None = None,
     path: str | None = None,
+    tokens: int | None = None,
 ) -> torch.nn.Module:
     """A module computing ``act(x @ (weight*mask).T + bias)`` with a kernel built for this mask.
 
     ``isa`` None picks the best for this CPU; "avx512"/"avx2"/"scalar" force a path.
     ``tiles`` (rows, token vectors, chunks per k block) overrides the tile path's tile sizes;
-    ``path`` forces "perm" or "tile" (None: ``choose_path``, perm at 1:4 and sparser on AVX-512).
+    ``path`` forces "perm" or "tile" (None: ``choose_path`` for ``tokens``, the token count the
+    caller expects; any count runs either way).
     Raises BackendError when no compiler is found, the mask is not n:m, or the ISA is absent.
     """
     if activation not in ACTIVATIONS:
@@ -379,7 +392,7 @@ def build_nm_linear(
     out_features, in_features = weight.shape
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise BackendError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}.")
-    path = choose_path(n, m, isa, path, tiles)
+    path = choose_path(n, m, isa, path, tiles, tokens)
     packed = pack_nm(weight, mask, n, m, rows_per_tile(n, isa, path, tiles))
     source = render(n, m, out_features, in_features, isa, bias is not None, activation, tiles, path)
     lib_path, key = compile_source(source, isa)

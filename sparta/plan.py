@@ -250,7 +250,7 @@ def _builder(family: str, pattern, device: torch.device):
             _warn_once("no C++ compiler found: the nm_cpu backend is off, dense is used instead")
             return None
         return lambda w, wm, b, act, node, tokens: nm_cpu.build_nm_linear(
-            w, wm, b, act, n=pattern.n, m=pattern.m, node=node
+            w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
         )
     if family == "cusparselt":
         if device.type != "cuda" or pattern.kind != "nm" or (pattern.n, pattern.m) != (2, 4):

@@ -107,6 +107,21 @@ def test_nm_cpu_family_through_compile(n: int, m: int, k: int) -> None:
             assert torch.allclose(compiled(fresh), ref(fresh), atol=1e-5)
 
 
+@pytest.mark.parametrize("tokens,path", [(4, "perm"), (64, "tile")])
+def test_nm_cpu_path_follows_example_token_count(tokens: int, path: str) -> None:
+    from sparta.codegen import nm_cpu
+    from sparta.sparsifiers import NM
+
+    if not nm_cpu.available() or nm_cpu.detect_isa() != "avx512":
+        pytest.skip("needs a C++ compiler and AVX-512 (the perm path)")
+    lin = torch.nn.Linear(64, 48).eval()
+    attrs = sparta.sparsify(lin, {"weight": NM(1, 4)})
+    x = torch.randn(tokens, 64)
+    compiled = sparta.compile(lin, attrs, (x,), backends=["nm_cpu"], measure=False)
+    built = [mod for mod in compiled.modules() if isinstance(mod, nm_cpu.NMLinear)]
+    assert [mod.path for mod in built] == [path]
+
+
 def test_triton_family_through_compile_in_interpreter() -> None:
     pytest.importorskip("triton")
     lin = torch.nn.Linear(64, 48).eval()

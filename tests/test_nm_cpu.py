@@ -164,6 +164,13 @@ def test_path_choice() -> None:
     assert nm_cpu.choose_path(1, 4, "avx512") == "perm"
     assert nm_cpu.choose_path(1, 10, "avx512") == "perm"
     assert nm_cpu.choose_path(2, 8, "avx512") == "perm"
+    # between 1 in 4 and 1 in 8 kept, the token count decides; sparser is always perm
+    big = nm_cpu.PERM_MAX_TOKENS + 1
+    assert nm_cpu.choose_path(1, 4, "avx512", tokens=nm_cpu.PERM_MAX_TOKENS) == "perm"
+    assert nm_cpu.choose_path(1, 4, "avx512", tokens=big) == "tile"
+    assert nm_cpu.choose_path(2, 8, "avx512", tokens=big) == "tile"
+    assert nm_cpu.choose_path(1, 8, "avx512", tokens=big) == "perm"
+    assert nm_cpu.choose_path(2, 4, "avx512", tokens=1) == "tile"
     assert nm_cpu.choose_path(1, 40, "avx512") == "tile"  # m > 32
     assert nm_cpu.choose_path(3, 16, "avx512") == "tile"  # n does not divide 16
     assert nm_cpu.choose_path(1, 10, "avx2") == "tile"
