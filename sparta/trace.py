@@ -1,7 +1,8 @@
 """Capture a model as an ATen-level fx graph with torch.export, and resolve attribute names.
 
 Parameters and buffers appear as ``get_attr`` nodes named by their qualified names,
-forward() arguments as placeholders named by the argument names. The batch and sequence
+forward() arguments as placeholders named by the argument names. Products with a transposed
+2-D parameter are rewritten as ``aten.linear`` (``sparta.normalize``). The batch and sequence
 dims of tensor inputs are exported as dynamic where the model allows it, so the compiled
 module accepts other sizes than the example.
 """
@@ -19,6 +20,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from .errors import TraceError
+from .normalize import linear_from_matmuls
 
 # Ops that read only a tensor's metadata, never its values.
 METADATA_OPS = {
@@ -98,6 +100,7 @@ def trace(
     gm = ep.module()
     traced = Traced(gm=gm, params={}, buffers={}, inputs={}, dynamic=dynamic)
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    linear_from_matmuls(gm, param_names)  # x @ W.t() and addmm(b, x, W.t()) -> linear
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             target = str(node.target)
