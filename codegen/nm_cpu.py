@@ -87,7 +87,7 @@ def choose_path(
     """The kernel path: "perm" (permute, rows as lanes) or "tile" (token vectors).
 
     Default, where perm is eligible (bench/results/nm_cpu_2026-11-22b.md, 2 threads): "perm" at
-    1 in 8 kept or sparser (1:8, 1:10, 2:16...), where it is 1.2-1.4x faster at every token
+    1 in 8 kept or sparser (1:8, 1:10, 2:16...), where it is 1.2-1.5x faster at every token
     count; between 1 in 4 and 1 in 8 (1:4, 2:8) "perm" for at most PERM_MAX_TOKENS tokens
     (decode: 1.1-1.4x faster) and "tile" for more (1.1-1.2x faster at 64-128); "tile" for
     denser masks (2:4). ``tokens`` is the caller's token count (None: few). ``tiles`` only
