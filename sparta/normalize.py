@@ -68,7 +68,7 @@ def linear_from_matmuls(gm: fx.GraphModule, param_names: set[str]) -> int:
         weight = _transposed_param(transposed, params)
         if weight is None:
             continue
-        if bias is not None and _shape(gm, bias) != (_shape(gm, weight) or (0,))[:1]:
+        if bias is not None and _shape(gm, bias) != (_shape(gm, weight) or ())[:1]:
             continue  # a (M, N) or broadcast bias is not linear's
         with gm.graph.inserting_before(node):
             args = (x, weight) if bias is None else (x, weight, bias)

@@ -50,9 +50,13 @@ def test_spellings_become_linear_and_others_stay() -> None:
     assert targets.count(LINEAR) == 6
     assert targets.count(torch.ops.aten.addmm.default) == 2
     assert targets.count(torch.ops.aten.matmul.default) == 2
-    # the transposes that fed only rewritten products are gone
     lin_args = [n.args for n in traced.gm.graph.nodes if n.target is LINEAR]
     assert all(a[1] is traced.params["w"] for a in lin_args)
+    # transposes that fed only rewritten products are gone; the kept addmms' and x.t() stay
+    aten = torch.ops.aten
+    assert targets.count(aten.t.default) == 3
+    gone = (aten.numpy_T.default, aten.mT.default, aten.transpose.int, aten.permute.default)
+    assert not set(targets) & set(gone)
     with torch.no_grad():
         fresh = (torch.randn(5, 64), torch.randn(4, 3, 64))  # the (M, N) bias pins M = 5
         for got, want in zip(traced.gm(*fresh), model(*fresh)):
@@ -75,17 +79,17 @@ class AddmmMLP(torch.nn.Module):
 def test_addmm_and_matmul_layers_reach_sparse_backends(backend: str) -> None:
     from sparta.sparsifiers import NM
 
+    model = AddmmMLP().eval()
     if backend == "nm_cpu":
         from sparta.codegen import nm_cpu
 
         if not nm_cpu.available():
             pytest.skip("no C++ compiler")
-        attrs = sparta.sparsify(AddmmMLP(), {"w1": NM(1, 4), "w2": NM(2, 8)})
+        attrs = sparta.sparsify(model, {"w1": NM(1, 4), "w2": NM(2, 8)})
     else:
         pytest.importorskip("triton")
         blocks = torch.rand(6, 4) < 0.5
         attrs = {"w1": blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)}
-    model = AddmmMLP().eval()
     x = torch.randn(40, 64)
     compiled = sparta.compile(model, attrs, (x,), backends=[backend], measure=False)
     impls = [n.impl for n in compiled.report.nodes if n.target == str(LINEAR)]
