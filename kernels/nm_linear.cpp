@@ -241,7 +241,7 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
         std::memcpy(&word, ic + (q / 8) * 8, 8);
         const float* xp = xc + (long)((word >> (8 * (q % 8))) & 0xFF) * TT;
         // Opaque to the compiler, so the FMAs address [xp + disp] rather than [xc + offset +
-        // disp]: with that indexed form this loop ran 1.1-1.2x slower at 2 threads (measured).
+        // disp]: with that indexed form this loop ran 1.04-1.2x slower at 2 threads (measured).
         asm("" : "+r"(xp));
 #pragma GCC unroll 8
         for (int v = 0; v < V; ++v) acc[r][v] += b * vload(xp + v * NM_VL);
