@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .shrink import LINEAR
+
 aten = torch.ops.aten
-LINEAR = aten.linear.default
 # Transposes of a 2-D tensor that take only the tensor.
 _TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default}
 
