@@ -17,8 +17,9 @@ import torch.nn as nn
 import triton
 
 import sparta
+from sparta import masked_model as masked_reference
 from sparta.cuda_graphs import capture
-from sparta.demo import TinyBert, demo_masks, masked_reference
+from sparta.demo import TinyBert, demo_masks
 from sparta.timing import measure_ms
 
 DEV = torch.device("cuda")

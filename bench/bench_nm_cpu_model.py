@@ -21,7 +21,8 @@ import time
 import torch
 
 import sparta
-from sparta.demo import TinyBert, masked_reference
+from sparta import masked_model as masked_reference
+from sparta.demo import TinyBert
 from sparta.sparsifiers import NM
 from sparta.timing import compare_ms
 

@@ -8,6 +8,7 @@ from . import sparsifiers
 from .compile import CompiledModel, compile
 from .errors import AttrError, BackendError, MissingRuleError, PlanError, SpartaError, TraceError
 from .propagate import propagate
+from .reference import masked_model
 from .registry import Call, Refined, refine, register_rule, unregister_rule
 from .report import Report
 from .soundness import check_soundness
@@ -28,6 +29,7 @@ __all__ = [
     "TeSA",
     "TraceError",
     "check_soundness",
+    "masked_model",
     "masks_from",
     "sparsifiers",
     "sparsify",

@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - start
     print(compiled.report)
     with torch.no_grad():
-        ref = masked_reference(model, attrs)(ids)
+        ref = sparta.masked_model(model, attrs)(ids)
         err = (compiled(ids) - ref).abs().max().item()
         other = torch.randint(0, 1000, (3, 50), device=dev)
-        err_other = (compiled(other) - masked_reference(model, attrs)(other)).abs().max().item()
+        err_other = (compiled(other) - sparta.masked_model(model, attrs)(other)).abs().max().item()
     os.makedirs(args.out, exist_ok=True)
     compiled.report.to_json(os.path.join(args.out, "report.json"))
     try:
@@ -117,18 +117,6 @@ def main(argv: list[str] | None = None) -> None:
         f"(batch {args.batch}x{args.seq}), {err_other:.2e} (another shape, 3x50)"
     )
     print(f"wrote {args.out}/report.json{plotted}")
-
-
-def masked_reference(model: nn.Module, attrs: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``model`` with every attribute mask multiplied into its parameter."""
-    import copy
-
-    ref = copy.deepcopy(model)
-    params = dict(ref.named_parameters())
-    with torch.no_grad():
-        for name, mask in attrs.items():
-            params[name].mul_(mask.to(params[name].device))
-    return ref
 
 
 if __name__ == "__main__":

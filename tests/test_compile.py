@@ -9,7 +9,8 @@ import torch
 from models import MODELS
 
 import sparta
-from sparta.demo import TinyBert, demo_masks, masked_reference
+from sparta import masked_model as masked_reference
+from sparta.demo import TinyBert, demo_masks
 
 
 def structured_masks(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparta
-from sparta.demo import masked_reference
+from sparta import masked_model as masked_reference
 from sparta.normalize import LINEAR
 from sparta.trace import trace
 
