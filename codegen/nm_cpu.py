@@ -195,17 +195,20 @@ def compile_source(source: str, isa: str) -> tuple[Path, str]:
     key = cache_key("nm_cpu", source, version, sorted(cpu_flags()), flags, isa)
 
     def build(out: Path) -> None:
+        # The compiler writes into a private directory; only the copy touches the cache, so a
+        # cache that cannot hold the entry fails as an OSError (and the cache falls back).
         with tempfile.TemporaryDirectory(prefix="sparta-cxx-") as tmp:
-            src = Path(tmp) / "kernel.cpp"
+            src, lib = Path(tmp) / "kernel.cpp", Path(tmp) / "kernel.so"
             src.write_text(source)
             proc = subprocess.run(
-                [cxx, *flags, str(src), "-o", str(out)], capture_output=True, text=True
+                [cxx, *flags, str(src), "-o", str(lib)], capture_output=True, text=True
             )
-        if proc.returncode != 0:
-            raise BackendError(
-                f"g++ failed to build the nm_cpu kernel {key} (exit {proc.returncode}):\n"
-                f"{proc.stderr[-4000:]}\nRe-run with SPARTA_DEBUG=2 to see the source."
-            )
+            if proc.returncode != 0:
+                raise BackendError(
+                    f"g++ failed to build the nm_cpu kernel {key} (exit {proc.returncode}):\n"
+                    f"{proc.stderr[-4000:]}\nRe-run with SPARTA_DEBUG=2 to see the source."
+                )
+            shutil.copyfile(lib, out)
 
     return cached_file(key, ".so", build, _elf_complete), key
 

@@ -8,3 +8,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The fault-injection table (tests/test_faults.py), when those tests ran."""
+    faults = sys.modules.get("test_faults")
+    results = getattr(faults, "RESULTS", None)
+    if not results:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write("fault | expected | observed")
+    write("--- | --- | ---")
+    for r in results:
+        write(
+            f"{r.fault} | {r.expected} | {r.observed}{'' if r.survived else '  <-- NOT SURVIVED'}"
+        )
+    survived = sum(r.survived for r in results)
+    wrong = sum(r.wrong_answer for r in results)
+    write(f"{len(results)} injected, {survived} survived, {wrong} wrong answers")
