@@ -2,9 +2,11 @@
 
 Forward zeros follow f(0): relu/gelu/tanh keep zeros; sigmoid/exp/cos do not. Backward: an input
 element is used where an output element it feeds is kept, and (for products) where the other
-factor can be nonzero. Ops whose value at zero is not finite (reciprocal, rsqrt, log, a divisor)
-prune nothing backward: an inf in an unused slot still turns into NaN when a pruned weight
-multiplies it.
+factor can be nonzero. Ops whose value at zero is not finite (reciprocal, rsqrt, log, a divisor,
+a negative power) prune nothing backward unless the input's value-range fact (``call.signs``,
+``sparta.signs``) says it is never zero (or never outside the op's domain): an inf in an unused
+slot still turns into NaN when a pruned weight multiplies it, but ``rsqrt(mean(x^2) + eps)``
+is finite for every x.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from sparta.registry import Call, Mask, Refined, elementwise, refine, register_rule
+from sparta.signs import nonzero, positive
 
 from ._util import broadcast_back, broadcast_fwd, full, is_mask, scalar_is_zero
 
@@ -39,8 +42,19 @@ NOT_ZERO = _ops(
 )  # fmt: skip
 COMPARE = _ops("ge", "gt", "le", "lt", "eq", "ne", "greater_equal", "greater", "less_equal",
                "less", "not_equal")  # fmt: skip
-# f(0) is not finite: nothing known forward, nothing pruned backward.
+# f(0) is not finite: nothing known forward; backward only for inputs in the op's domain.
 NOT_FINITE = _ops("reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "lgamma", "logit")
+# Where each is finite, in terms of its input's signs (digamma, lgamma: also not at negative
+# integers; logit: only inside (0, 1) — no sign fact shows that, so nothing is pruned).
+_FINITE_WHEN = {
+    "reciprocal": nonzero,
+    "rsqrt": positive,
+    "log": positive,
+    "log2": positive,
+    "log10": positive,
+    "digamma": positive,
+    "lgamma": positive,
+}
 
 register_rule(*ZERO_PRESERVING, name="elementwise[any]")(elementwise("any", "self"))
 register_rule(*NOT_ZERO, name="elementwise[none]")(elementwise("none", "self"))
@@ -69,6 +83,11 @@ def _unused(call: Call, name: str = "other") -> Mask | None:
 
 @register_rule(*NOT_FINITE)
 def not_finite_at_zero(call: Call) -> Refined:
+    """Nothing known forward. Backward elementwise when the input's signs keep the op finite:
+    the input is then never forced to zero (``sparta.signs``), only computed and unread."""
+    finite = _FINITE_WHEN.get(call.op._schema.name.split("::")[-1])
+    if finite is not None and finite(call.signs.get("self")):
+        return refine(self=call.out)
     return Refined()
 
 
@@ -121,14 +140,17 @@ def mul(call: Call) -> Refined:
 
 @register_rule(*_ops("div", "true_divide", "floor_divide", "fmod", "remainder"))
 def div(call: Call) -> Refined:
-    """Zero where the dividend is zero and the divisor is not (0/0 is NaN). The divisor is never
-    pruned backward (x/0 is not finite)."""
+    """Zero where the dividend is zero and the divisor is not (0/0 is NaN). The divisor is
+    pruned backward only when its value-range fact says it is never zero (x / sqrt(var + eps)):
+    then it is never forced to zero either, and it matters where the dividend can be nonzero."""
     a = _nz(call, "self")
     if isinstance(a, bool):
         return Refined()  # a scalar dividend
     d = _nz(call, "other")
-    fwd = a | ~d if is_mask(d) else (a if d else None)
-    return refine(out=fwd, self=_back(call, "self", True))
+    never_zero = nonzero(call.signs.get("other"))
+    fwd = (a if never_zero else a | ~d) if is_mask(d) else (a if d else None)
+    divisor = _back(call, "other", a) if never_zero else None
+    return refine(out=fwd, self=_back(call, "self", True), other=divisor)
 
 
 @register_rule(aten.pow)
@@ -143,6 +165,11 @@ def pow_(call: Call) -> Refined:
             return refine(out=base, self=call.out)
         if e == 0:
             return refine(out=full(call.out.shape, True), self=full(base.shape, False))
+        # a negative power is finite where the base is never zero (and, for a fractional
+        # power, positive)
+        sign = call.signs.get("self")
+        if positive(sign) or (float(e).is_integer() and nonzero(sign)):
+            return refine(self=call.out)
     return Refined()
 
 
