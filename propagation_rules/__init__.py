@@ -1,6 +1,17 @@
 """Propagation rules, one module per op family, registered into sparta.registry on import."""
 
-from . import attention, conv, elementwise, factory, index, linear, norm, reduce, shape
+from . import (
+    attention,
+    conv,
+    elementwise,
+    factory,
+    index,
+    linear,
+    norm,
+    recurrent,
+    reduce,
+    shape,
+)
 
 __all__ = [
     "attention",
@@ -10,6 +21,7 @@ __all__ = [
     "index",
     "linear",
     "norm",
+    "recurrent",
     "reduce",
     "shape",
 ]
