@@ -1,6 +1,7 @@
 """Propagation rules, one module per op family, registered into sparta.registry on import."""
 
 from . import (
+    activation,
     attention,
     conv,
     elementwise,
@@ -8,12 +9,17 @@ from . import (
     index,
     linear,
     norm,
+    padding,
     recurrent,
     reduce,
+    resample,
+    scatter,
     shape,
+    sort,
 )
 
 __all__ = [
+    "activation",
     "attention",
     "conv",
     "elementwise",
@@ -21,7 +27,11 @@ __all__ = [
     "index",
     "linear",
     "norm",
+    "padding",
     "recurrent",
     "reduce",
+    "resample",
+    "scatter",
     "shape",
+    "sort",
 ]

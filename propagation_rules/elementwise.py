@@ -33,12 +33,13 @@ ZERO_PRESERVING = _ops(
     "relu", "gelu", "tanh", "silu", "mish", "neg", "abs", "sin", "sinh", "asin", "asinh",
     "atan", "atanh", "tan", "erf", "expm1", "log1p", "sqrt", "sign", "sgn", "floor", "ceil",
     "round", "trunc", "relu6", "hardswish", "leaky_relu", "elu", "celu", "selu", "hardshrink",
-    "softshrink", "positive", "frac", "square", "deg2rad", "rad2deg", "nan_to_num",
+    "softshrink", "positive", "frac", "square", "deg2rad", "rad2deg", "nan_to_num", "erfinv",
+    "signbit", "rrelu",
 )  # fmt: skip
 # f(0) != 0 but finite: nothing known forward; backward elementwise.
 NOT_ZERO = _ops(
     "sigmoid", "exp", "exp2", "cos", "cosh", "erfc", "hardsigmoid", "softplus", "logical_not",
-    "bitwise_not", "isnan", "isinf", "isfinite", "acos", "isneginf", "isposinf",
+    "bitwise_not", "isnan", "isinf", "isfinite", "acos", "isneginf", "isposinf", "sinc", "i0",
 )  # fmt: skip
 COMPARE = _ops("ge", "gt", "le", "lt", "eq", "ne", "greater_equal", "greater", "less_equal",
                "less", "not_equal")  # fmt: skip
@@ -62,9 +63,12 @@ register_rule(*COMPARE, name="compare")(elementwise("none", "self", "other"))
 register_rule(*_ops("__and__", "bitwise_and", "logical_and"), name="elementwise[any]")(
     elementwise("any", "self", "other")
 )
+register_rule(*_ops("atan2", "logaddexp", "logaddexp2"), name="elementwise[none]")(
+    elementwise("none", "self", "other")
+)
 register_rule(
     *_ops("__or__", "bitwise_or", "logical_or", "__xor__", "bitwise_xor", "logical_xor",
-          "maximum", "minimum", "fmax", "fmin"),
+          "maximum", "minimum", "fmax", "fmin", "hypot"),
     name="elementwise[all]",
 )(elementwise("all", "self", "other"))  # fmt: skip
 
@@ -153,7 +157,7 @@ def div(call: Call) -> Refined:
     return refine(out=fwd, self=_back(call, "self", True), other=divisor)
 
 
-@register_rule(aten.pow)
+@register_rule(aten.pow, *_ops("float_power"))
 def pow_(call: Call) -> Refined:
     """x ** c: zero-preserving for c > 0; x ** 0 == 1 does not read x; c < 0 is not finite."""
     base, exp = call.inputs.get("self"), call.inputs.get("exponent")
