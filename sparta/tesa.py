@@ -94,13 +94,23 @@ def block_any(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
     )
 
 
+def live_lines(mask: torch.Tensor) -> torch.Tensor:
+    """(..., R, C): True except on whole rows and whole columns (of the last two dims) that are
+    entirely pruned. Propagation prunes such lines (a unit nobody reads, a dead input feature)
+    on top of a weight's own pattern; the pattern is that of what remains."""
+    rows = mask.any(dim=-1, keepdim=True)
+    cols = mask.any(dim=-2, keepdim=True)
+    return rows & cols
+
+
 def _is_block(mask: torch.Tensor, bh: int, bw: int) -> bool:
+    """Kept blocks of (bh, bw) fully kept, but for entirely pruned rows and columns."""
     rows, cols = mask.shape[-2:]
     if rows < bh or cols < bw:
         return False
     kept = block_any(mask, bh, bw)
     full = kept.repeat_interleave(bh, dim=-2).repeat_interleave(bw, dim=-1)
-    return torch.equal(full[..., :rows, :cols], mask)
+    return torch.equal(full[..., :rows, :cols] & live_lines(mask), mask)
 
 
 def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -111,15 +121,26 @@ def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
-    """(n, m) where every full group of m keeps exactly n (a shorter last group at most n)."""
+    """(n, m) where every group of m keeps at most n, and exactly n where the group is whole:
+    not in the shorter last group, not in an entirely pruned row, not across an entirely
+    pruned column (propagation prunes those on top of an n:m pattern; the weight stays n:m,
+    with fewer kept in such groups, as the n:m layouts allow)."""
     k = mask.shape[-1]
+    rows = mask.any(dim=-1, keepdim=True)
+    dead_cols = (
+        ~mask.reshape(-1, k).any(dim=0) if mask.dim() >= 2 else torch.zeros(k, dtype=torch.bool)
+    )
     for m in NM_GROUPS:
         if k < m:
             continue
         counts = group_counts(mask, m)
-        full, tail = counts[..., : k // m], counts[..., k // m :]
-        n = int(full.max())
-        if 0 < n < m and bool((full == n).all()) and bool((tail <= n).all()):
+        whole = torch.zeros(counts.shape[-1], dtype=torch.bool)
+        whole[: k // m] = ~group_counts(dead_cols, m)[: k // m].bool()
+        whole = whole & rows if mask.dim() >= 2 else whole  # (..., groups)
+        n = int(counts.max())
+        if not 0 < n < m or not bool(whole.any()):
+            continue
+        if bool((counts[whole] == n).all()) and bool((counts <= n).all()):
             return n, m
     return None
 
