@@ -185,10 +185,13 @@ def run_propagation(
     *,
     example_kwargs: Mapping[str, Any] | None = None,
     strict: bool = True,
+    dynamic: bool = True,
 ) -> Propagated:
+    """Trace (with dynamic batch and sequence dims unless ``dynamic=False``), resolve the
+    attributes, propagate, report."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    traced = trace(model, example_inputs, example_kwargs)
+    traced = trace(model, example_inputs, example_kwargs, dynamic=dynamic)
     given, given_nodes = resolve_attrs(traced, attrs)
     start = time.perf_counter()
     result = propagate_graph(traced, given_nodes, strict=strict)

@@ -22,7 +22,7 @@ from sparta.sparsifiers import NM, Channels, Heads, Magnitude
 
 H = 32  # hidden size of the transformer configs
 HEADS = 4
-TF = dict(hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=64)
+TF = dict(hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64)
 
 
 @dataclass
@@ -69,7 +69,7 @@ def gpt2() -> Case:
     """The LM head shares the token embedding (tied weights); use_cache stays on."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=H, n_layer=2, n_head=HEADS)
+    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=H, n_layer=1, n_head=HEADS)
     model = GPT2LMHeadModel(cfg)
     spec = {
         "transformer.wte.weight": Magnitude(0.3),
@@ -94,12 +94,15 @@ def llama() -> Case:
 
 
 def qwen3() -> Case:
-    """Hand-written RMSNorm on each head's q and k (q_norm, k_norm)."""
+    """Hand-written RMSNorm on each head's q and k (q_norm, k_norm). Without the cache, whose
+    keys and values the model would return (and so use), a pruned head's q, k and v rows are
+    all unused."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(
-        vocab_size=100, max_position_embeddings=32, num_key_value_heads=HEADS, head_dim=8, **TF
-    )
+        vocab_size=100, max_position_embeddings=32, num_key_value_heads=HEADS, head_dim=8,
+        use_cache=False, **TF,
+    )  # fmt: skip
     return Case(Qwen3ForCausalLM(cfg), (_ids(2, 8),), (_ids(3, 11),), _decoder_spec())
 
 
@@ -123,7 +126,7 @@ def swin() -> Case:
     )
     model = SwinModel(cfg)
     spec = _spec(model, [
-        (["encoder.layers.*.blocks.*.output.dense.weight", "encoder.layers.*.blocks.*.mlp.fc2.weight"],
+        (["encoder.layers.*.output.dense.weight", "encoder.layers.*.mlp.fc2.weight"],
          Channels(0.5, dim=1)),
     ])  # fmt: skip
     return Case(model, (_img(2),), (_img(3),), spec)
@@ -134,7 +137,7 @@ def whisper_encoder() -> Case:
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     cfg = WhisperConfig(
-        d_model=H, encoder_layers=2, encoder_attention_heads=HEADS, encoder_ffn_dim=64,
+        d_model=H, encoder_layers=1, encoder_attention_heads=HEADS, encoder_ffn_dim=64,
         num_mel_bins=16, max_source_positions=16,
     )  # fmt: skip
     spec = {
