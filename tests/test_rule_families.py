@@ -353,3 +353,29 @@ def test_rules_use_sign_facts() -> None:
     refined = lookup(aten.div.Tensor).fn(div)
     assert torch.equal(refined.outputs[0], used)  # 0 / d = 0 for a divisor never zero
     assert torch.equal(refined.inputs["other"], used)
+
+
+@pytest.mark.parametrize(
+    ("op", "args", "name"),
+    [
+        (aten.rsqrt.default, (rn(3, 5),), "self"),
+        (aten.log.default, (rn(3, 5),), "self"),
+        (aten.reciprocal.default, (rn(3, 5),), "self"),
+        (aten.div.Tensor, (rn(3, 5), rn(5)), "other"),
+        (aten.pow.Tensor_Scalar, (rn(3, 5), -0.5), "self"),
+        (aten.addcdiv.default, (rn(3, 5), rn(3, 5), rn(5)), "tensor2"),
+        (aten.xlogy.Tensor, (rn(3, 5), rn(5)), "other"),
+    ],
+)
+def test_inputs_never_zero_are_pruned_where_unused(op, args, name: str) -> None:
+    """With a positive fact the unused column of the input is pruned, and check_rule confirms
+    the outputs hold (the input drawn positive, unforced); without one nothing is pruned."""
+    from sparta.signs import Sign
+
+    used = torch.ones(3, 5, dtype=torch.bool)
+    used[:, 2] = False
+    ref = check_rule(op, args, used=used, signs={name: Sign.POS})
+    got = ref.inputs[name]
+    assert not got[..., 2].any() and got[..., [0, 1, 3, 4]].all()
+    plain = check_rule(op, args, used=used, samplers={name: positive})
+    assert name not in plain.inputs or bool(plain.inputs[name].all())
