@@ -195,7 +195,7 @@ def _choose(
         sub = _shrunk_call(p, n, layout, x, w, b, act_fn)
         if sub is not None:
             candidates["shrink"] = sub
-    pattern = None if bool(wm.all()) else detect_pattern(wm.cpu())
+    pattern = None if bool(wm.all()) else p.pattern_of(n.args[1])
     modules: dict[str, torch.nn.Module] = {}
     for family in ("triton", "cusparselt", "nm_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
@@ -270,9 +270,8 @@ def _builder(family: str, pattern, device: torch.device):
     return None
 
 
-def _why_not(family: str, mask: torch.Tensor, device: torch.device) -> str:
+def _why_not(family: str, mask: torch.Tensor, pattern, device: torch.device) -> str:
     """Why a family named in ``backends`` is not a candidate for a linear with this mask."""
-    pattern = detect_pattern(mask.cpu())
     if family == "shrink":
         return "propagation pruned no whole output feature and no input feature to drop"
     if bool(mask.all()) and family != "triton":
@@ -305,7 +304,7 @@ def _warn_unapplied(
         names = {node: q for q, node in p.traced.params.items()}
         lines = [
             f"{n.name} (weight {names.get(n.args[1], n.args[1])!r}): "
-            f"{_why_not(family, p.result.masks[n.args[1]], device)}"
+            f"{_why_not(family, p.result.masks[n.args[1]], p.pattern_of(n.args[1]), device)}"
             for n in missing
         ]
         fallback = "dense" if "dense" in backends else "dense all the same"

@@ -17,7 +17,7 @@ from .engine import Propagation, propagate_graph
 from .errors import AttrError
 from .flops import matmul_flops
 from .report import NodeEntry, Report, TensorEntry
-from .tesa import TeSA, as_tesa, detect_pattern
+from .tesa import Pattern, TeSA, as_tesa, surviving_pattern
 from .trace import Traced, trace
 
 Attrs = Mapping[str, TeSA | torch.Tensor]
@@ -32,6 +32,20 @@ class Propagated:
     given_nodes: dict[fx.Node, torch.Tensor]
     result: Propagation
     report: Report
+
+    def pattern_of(self, node: fx.Node) -> Pattern:
+        """The pattern of a node's propagated mask (a given n:m or block pattern survives)."""
+        tesa = given_by_node(self.traced, self.given).get(node)
+        return surviving_pattern(tesa.pattern if tesa else None, self.result.masks[node])
+
+
+def given_by_node(traced: Traced, given: Mapping[str, TeSA]) -> dict[fx.Node, TeSA]:
+    out: dict[fx.Node, TeSA] = {}
+    for name, tesa in given.items():
+        node = _node_of(traced, name)
+        if node is not None:
+            out.setdefault(node, tesa)
+    return out
 
 
 def resolve_attrs(
@@ -126,9 +140,14 @@ def tensor_names(traced: Traced) -> dict[fx.Node, tuple[str, str]]:
 
 
 def build_report(
-    traced: Traced, given_nodes: Mapping[fx.Node, torch.Tensor], result: Propagation, seconds: float
+    traced: Traced,
+    given_nodes: Mapping[fx.Node, torch.Tensor],
+    result: Propagation,
+    seconds: float,
+    given: Mapping[str, TeSA] | None = None,
 ) -> Report:
     names = tensor_names(traced)
+    tesas = given_by_node(traced, given or {})
     tensors, masks = [], {}
     for n, (name, kind) in names.items():
         m = result.masks.get(n)
@@ -143,7 +162,7 @@ def build_report(
                 shape=list(m.shape),
                 density_given=float(g.float().mean()) if g is not None and g.numel() else None,
                 density=float(m.float().mean()) if m.numel() else 1.0,
-                pattern=str(detect_pattern(m)),
+                pattern=str(surviving_pattern(tesas[n].pattern if n in tesas else None, m)),
                 aliases=traced.names.aliases(name) if kind == "parameter" else [],
             )
         )
@@ -196,7 +215,7 @@ def run_propagation(
     start = time.perf_counter()
     result = propagate_graph(traced, given_nodes, strict=strict)
     seconds = time.perf_counter() - start
-    report = build_report(traced, given_nodes, result, seconds)
+    report = build_report(traced, given_nodes, result, seconds, given)
     return Propagated(traced, given, given_nodes, result, report)
 
 

@@ -430,26 +430,41 @@ def test_nm_survives_rows_pruned_by_propagation() -> None:
     assert_matches_reference(compiled, model, attrs, torch.randn(5, 64))
 
 
-def test_pattern_detection_ignores_whole_pruned_rows_and_columns() -> None:
-    from sparta.tesa import detect_pattern
+def test_patterns_survive_pruned_rows_and_columns() -> None:
+    from sparta.tesa import Pattern, detect_pattern, surviving_pattern
 
     nm = NM(2, 4).mask(torch.randn(32, 64))
-    lined = nm.clone()
-    lined[:8] = False  # units nobody reads
-    lined[:, 5] = False  # a dead input feature
-    assert str(detect_pattern(lined)) == "2:4"
-    assert (
-        str(detect_pattern(torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) > 0.5))
-        == "unstructured"
-    )
-    blocks = (torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) > 0.5).repeat_interleave(
-        16, 0
-    )
-    blocks = blocks.repeat_interleave(16, 1)
+    rows = nm.clone()
+    rows[:8] = False  # units nobody reads
+    assert str(detect_pattern(rows)) == "2:4"
+    lined = rows.clone()
+    lined[:, 5] = False  # a dead input feature leaves groups short of 2
+    assert str(detect_pattern(lined)) == "unstructured"  # the mask alone cannot tell
+    assert str(surviving_pattern(Pattern.parse("2:4"), lined)) == "2:4"  # the given pattern can
+    random = torch.rand(32, 64, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert str(surviving_pattern(Pattern.parse("2:4"), random)) == "unstructured"
+    blocks = torch.rand(4, 4, generator=torch.Generator().manual_seed(0)) > 0.5
+    blocks = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)
     blocks[3] = False
     blocks[:, 40] = False
     assert detect_pattern(blocks).kind == "block"
-    assert sparta.TeSA(lined, "2:4").pattern.kind == "nm"
+
+
+def test_nm_weight_with_dead_inputs_keeps_its_pattern() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)
+    ).eval()
+    spec = {"0.weight": Channels(0.25), "0.bias": Channels(0.25), "2.weight": NM(2, 4)}
+    attrs = sparta.sparsify(model, spec)
+    x = torch.randn(8, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the other linears are not n:m
+        compiled = sparta.compile(model, attrs, (x,), backends=["nm_cpu"], measure=False)
+    assert not compiled.report.mask("2.weight")[:, :16].all()  # dead input columns
+    assert compiled.report.tensor("2.weight").pattern == "2:4"
+    assert compiled.report.node("linear_1").impl == "nm_cpu"
+    assert_matches_reference(compiled, model, attrs, torch.randn(5, 16))
 
 
 # ----------------------------------------------------------------------------- in-place ops
