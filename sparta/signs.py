@@ -72,12 +72,22 @@ def of_scalar(v: Any, dtype: torch.dtype | None = None) -> Sign:
     return Sign.POS if v > 0 else Sign.NEG if v < 0 else Sign.ZERO
 
 
+VALUES_LIMIT = 1 << 16  # parameters and buffers larger than this are taken as ANY
+
+
 def _of_values(t: torch.Tensor) -> Sign:
-    s = Sign.ZERO  # parameters and buffers are forced to zero where their masks prune them
-    if bool((t > 0).any()):
+    """Parameters and buffers: the signs of their values, and zero (masks force their pruned
+    elements to zero). Large tensors (weights) are not scanned: ANY."""
+    if t.numel() > VALUES_LIMIT or t.numel() == 0:
+        return ANY
+    lo, hi = torch.aminmax(t.detach().float())
+    if bool(lo.isnan()) or bool(hi.isnan()):
+        return ANY
+    s = Sign.ZERO
+    if float(hi) > 0:
         s |= Sign.POS
-    if bool((t < 0).any()) or bool(t.isnan().any()):
-        s |= Sign.NEG | Sign.POS
+    if float(lo) < 0:
+        s |= Sign.NEG
     return s
 
 
