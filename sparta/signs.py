@@ -383,6 +383,8 @@ def sign_facts(
 
 def _apply(n: fx.Node, v: torch.Tensor, facts: Mapping[fx.Node, Sign], bind) -> Sign:
     op = n.target
+    if op._schema.overload_name == "dtype":
+        return ANY  # view.dtype reinterprets the bits
     signs: dict[str, Any] = {}
     params: dict[str, Any] = {"__name__": op._schema.name.split("::")[-1]}
     for name, a in bind(op, n.args, n.kwargs).items():
