@@ -1,5 +1,6 @@
 """Recurrent layers: lstm, gru, rnn_tanh, rnn_relu (every layer, both directions, biases,
-LSTM projections, padded and packed inputs).
+LSTM projections, padded and packed inputs), and their one-step cells (lstm_cell, gru_cell,
+rnn_tanh_cell, rnn_relu_cell).
 
 Per layer and direction, with G gate blocks of H rows each (LSTM: i, f, g, o; GRU: r, z, n;
 RNN: one), a cell unit is *dead* when its state is zero at every step whatever the inputs:
@@ -22,6 +23,7 @@ gate rows of a used unit are used, a weight is used where its row is used and it
 nonzero, and an input feature (of the layer, i.e. of the layer below's output) is used where a
 used row reads it through a kept weight. Exact per unit: masks that vary along time or batch
 are taken as their union (an element of a recurrent state depends on every earlier step).
+A cell is one step: the same reasoning per (sample, unit), exact per element.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
 
-from ._util import full, is_mask
+from ._util import bool_mm, full, is_mask
 
 aten = torch.ops.aten
 
@@ -221,6 +223,45 @@ def _recurrent(call: Call, kind: str, data: str) -> Refined:
     )
 
 
+def _cell(call: Call, kind: str) -> Refined:
+    """One step, per (sample, unit): out[b, j] is zero when the unit's state starts at zero
+    (LSTM: c; GRU: h) and its cell-input row gets nothing for that sample (RNN: its row)."""
+    x, w_ih, w_hh = call.inputs["input"], call.inputs["w_ih"], call.inputs["w_hh"]
+    hx = call.inputs["hx"]
+    h, c = (hx[0], hx[1]) if kind == "lstm" else (hx, None)
+    if not all(is_mask(m) for m in (x, w_ih, w_hh, h)) or (kind == "lstm" and not is_mask(c)):
+        return Refined()
+    if x.dim() != 2 or h.dim() != 2:
+        return Refined()  # ATen's cells take (batch, features); nn.*Cell adds the batch dim
+    g = GATES[kind]
+    hidden = w_ih.shape[0] // g
+    bias = full((w_ih.shape[0],), False)
+    for name in ("b_ih", "b_hh"):
+        if is_mask(call.inputs.get(name)):
+            bias = bias | call.inputs[name]
+    rows_nz = bool_mm(x, w_ih.t()) | bool_mm(h, w_hh.t()) | bias
+    if kind == "rnn_tanh" or kind == "rnn_relu":
+        dead = ~rows_nz
+    else:
+        dead = ~(c if kind == "lstm" else h) & ~rows_nz[:, 2 * hidden : 3 * hidden]
+    outs = call.outputs
+    used = outs[0] if len(outs) == 1 else outs[0] | outs[1]
+    used = used & ~dead
+    rows = used.repeat(1, g)  # (B, G*H): every gate row of a used unit
+    reads_h = bool_mm(rows, w_hh)
+    h_used = reads_h | used if kind == "gru" else reads_h  # GRU: z * h reads its own state
+    back = {
+        "input": bool_mm(rows, w_ih),
+        "w_ih": bool_mm(rows.t(), x),
+        "w_hh": bool_mm(rows.t(), h),
+        "b_ih": rows.any(dim=0) if is_mask(call.inputs.get("b_ih")) else None,
+        "b_hh": rows.any(dim=0) if is_mask(call.inputs.get("b_hh")) else None,
+    }
+    fwd = ~dead
+    back["hx"] = (h_used, used) if kind == "lstm" else h_used
+    return refine(out=(fwd, fwd) if kind == "lstm" else fwd, **back)
+
+
 def _make(kind: str, data: str):
     def rule(call: Call) -> Refined:
         return _recurrent(call, kind, data)
@@ -229,7 +270,17 @@ def _make(kind: str, data: str):
     return rule
 
 
+def _make_cell(kind: str):
+    def rule(call: Call) -> Refined:
+        return _cell(call, kind)
+
+    rule.__name__ = f"recurrent_cell[{kind}]"
+    return rule
+
+
 for _kind in GATES:
     _packet = getattr(aten, _kind)
     register_rule(_packet.input, name=f"recurrent[{_kind}]")(_make(_kind, "input"))
     register_rule(_packet.data, name=f"recurrent[{_kind}]")(_make(_kind, "data"))
+    _cell_op = getattr(aten, f"{_kind}_cell")
+    register_rule(_cell_op, name=f"recurrent_cell[{_kind}]")(_make_cell(_kind))

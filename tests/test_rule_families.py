@@ -379,3 +379,27 @@ def test_inputs_never_zero_are_pruned_where_unused(op, args, name: str) -> None:
     assert not got[..., 2].any() and got[..., [0, 1, 3, 4]].all()
     plain = check_rule(op, args, used=used, samplers={name: positive})
     assert name not in plain.inputs or bool(plain.inputs[name].all())
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_recurrent_cells(kind: str) -> None:
+    """One step, per (sample, unit): unit 1 gets nothing in its cell-input row and starts at
+    zero, so its output is zero and its rows and recurrent column are unused."""
+    gates, sel = {"lstm": (4, 2), "gru": (3, 2)}.get(kind, (1, 0))
+    w = [rn(gates * H, F_IN), rn(gates * H, H), rn(gates * H), rn(gates * H)]
+    wm = [torch.ones(t.shape, dtype=torch.bool) for t in w]
+    for t in wm:
+        t[sel * H + 1] = False
+    hm = torch.ones(3, H, dtype=torch.bool)
+    hm[:, 1] = False
+    h, c = rn(3, H), rn(3, H)
+    hx = [h, c] if kind == "lstm" else h
+    masks = {"input": rm(3, F_IN, p=0.2), "w_ih": wm[0], "w_hh": wm[1], "b_ih": wm[2],
+             "b_hh": wm[3], "hx": (hm, hm.clone()) if kind == "lstm" else hm}  # fmt: skip
+    op = getattr(aten, f"{kind}_cell").default
+    ref = check_rule(op, (rn(3, F_IN), hx, *w), input_masks=masks)
+    assert not ref.outputs[0][:, 1].any() and ref.outputs[0][:, [0, 2, 3, 4]].all()
+    assert not ref.inputs["w_ih"].reshape(gates, H, F_IN)[:, 1].any()
+    n_out = 2 if kind == "lstm" else 1
+    used = tuple(rm(3, H, p=0.3) for _ in range(n_out))
+    check_rule(op, (rn(3, F_IN), hx, *w), input_masks=masks, used=used)
