@@ -60,7 +60,7 @@ def interpolate(call: Call) -> Refined:
 
 def _planes(m: Mask) -> Mask:
     """(N, C, 1, ...): does the plane keep anything."""
-    kept = m.reshape(m.shape[0], m.shape[1], -1).any(dim=2)
+    kept = m.flatten(2).any(dim=2)
     return kept.reshape(*m.shape[:2], *[1] * (m.dim() - 2))
 
 

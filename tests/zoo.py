@@ -4,20 +4,22 @@ configs with random weights (seeded), default settings otherwise (GPT-2 and the 
 styles pruning tools produce (FFN channels, attention heads, conv channels, n:m, the tied
 embedding of a language model).
 
-Each builder returns ``(model, example_inputs, other_inputs, spec)``: the example has batch 2,
-``other_inputs`` another batch size (and sequence length where the model allows).
+Each builder returns a ``Case``: the model, example inputs (batch 2), other inputs (another
+batch size, and sequence length where the model allows), a ``sparta.sparsify`` spec, and masks
+``sparsify`` cannot name (a parametrized weight's effective value).
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+import sparta
 from sparta.sparsifiers import NM, Channels, Heads, Magnitude
 
 H = 32  # hidden size of the transformer configs
@@ -31,6 +33,10 @@ class Case:
     inputs: tuple
     other: tuple
     spec: dict[str, Any]
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def attrs(self) -> dict[str, torch.Tensor]:
+        return {**sparta.sparsify(self.model, self.spec), **self.masks}
 
 
 def _spec(model: nn.Module, entries: Sequence[tuple[Sequence[str], Any]]) -> dict[str, Any]:
@@ -148,6 +154,24 @@ def whisper_encoder() -> Case:
     return Case(WhisperEncoder(cfg), (torch.randn(2, 16, 32),), (torch.randn(3, 16, 32),), spec)
 
 
+def wav2vec2() -> Case:
+    """Its positional convolution is weight-normalised (torch.nn.utils.parametrizations): the
+    mask is given on the effective weight."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    cfg = Wav2Vec2Config(
+        hidden_size=H, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64,
+        conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )  # fmt: skip
+    model = Wav2Vec2Model(cfg)
+    spec = {"feature_extractor.conv_layers.1.conv.weight": Channels(0.5, dim=0)}
+    with torch.no_grad():
+        w = model.encoder.pos_conv_embed.conv.weight  # weight_norm's effective weight
+    masks = {"encoder.pos_conv_embed.conv.weight": Magnitude(0.5).mask(w.detach())}
+    return Case(model, (torch.randn(2, 400),), (torch.randn(3, 400),), spec, masks)
+
+
 def resnet() -> Case:
     """Residuals added in place (out += identity), ReLU in place."""
     from transformers import ResNetConfig, ResNetModel
@@ -191,6 +215,7 @@ ZOO: dict[str, Callable[[], Case]] = {
     "vit": vit,
     "swin": swin,
     "whisper_encoder": whisper_encoder,
+    "wav2vec2": wav2vec2,
     "resnet": resnet,
     "convnext": convnext,
     "mobilenet_v2": mobilenet_v2,
