@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+import sparta
 from sparta.propagate import run_propagation
 from sparta.scramble import INFERRED_RULE_NAME
 from sparta.soundness import max_violation
@@ -331,7 +332,7 @@ def run_sparta(case: Case, model: nn.Module, attrs: dict[str, torch.Tensor]) -> 
             return Outcome(None, None, f"failed: {type(e).__name__}: {str(e)[:120]}")
         seconds = time.perf_counter() - start
         pruned = sum(int((~p.report.mask(n)).sum()) for n, _ in model.named_parameters())
-        change = max_violation(p, case.inputs)
+        change = max_violation(p, sparta.masked_model(model, attrs).eval(), case.inputs, {})
     nodes = p.report.to_dict()["nodes"]
     inferred = sorted({n["target"] for n in nodes if n["rule"] == INFERRED_RULE_NAME})
     conservative = sorted({n["target"] for n in nodes if str(n["rule"]).startswith("conserv")})

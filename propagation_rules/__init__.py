@@ -1,8 +1,25 @@
 """Propagation rules, one module per op family, registered into sparta.registry on import."""
 
-from . import attention, conv, elementwise, factory, index, linear, norm, reduce, shape
+from . import (
+    activation,
+    attention,
+    conv,
+    elementwise,
+    factory,
+    index,
+    linear,
+    norm,
+    padding,
+    recurrent,
+    reduce,
+    resample,
+    scatter,
+    shape,
+    sort,
+)
 
 __all__ = [
+    "activation",
     "attention",
     "conv",
     "elementwise",
@@ -10,6 +27,11 @@ __all__ = [
     "index",
     "linear",
     "norm",
+    "padding",
+    "recurrent",
     "reduce",
+    "resample",
+    "scatter",
     "shape",
+    "sort",
 ]

@@ -18,6 +18,8 @@ from sparta.registry import Call, Mask
 
 __all__ = [
     "all_dims",
+    "copied_from",
+    "copy_masks",
     "broadcast_back",
     "broadcast_fwd",
     "dims_of",
@@ -142,3 +144,42 @@ def bool_mm(a: Mask, b: Mask) -> Mask:
     if b.shape[0] > 1 and _rows_equal(b):  # every k alike in b
         return a.any(dim=1, keepdim=True) & b[:1]
     return (a.to(torch.float32) @ b.to(torch.float32)) > 0
+
+
+def copied_from(
+    call: Call, name: str = "self", override: Mapping[str, Any] | None = None
+) -> torch.Tensor:
+    """For an op each of whose output elements is a copy of one element of input ``name`` or a
+    constant fill (shuffles, nearest upsampling, padding, rolls, flips, sliding windows): the
+    flat index + 1 of the element each output element copies, 0 where it is the fill.
+
+    Found by running the op on the values 1..numel in float64 (exact up to 2**53 elements), so
+    the positions are the op's own, whatever its arguments. ``override`` replaces arguments
+    (a padding value of 0, for one).
+    """
+    x = call.inputs[name]
+    kwargs = {**call.params, **(override or {})}
+    kwargs[name] = torch.arange(1, x.numel() + 1, dtype=torch.float64).reshape(x.shape)
+    y = call.op(**kwargs)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return y.round().long()
+
+
+def copy_masks(
+    call: Call,
+    name: str = "self",
+    *,
+    fill_nonzero: bool = False,
+    override: Mapping[str, Any] | None = None,
+) -> tuple[Mask, Mask]:
+    """(output mask, input used) of a copying op (see ``copied_from``), exact both ways: an
+    output element is kept where the element it copies is (or the fill is nonzero), an input
+    element is used where a kept output element copies it."""
+    x = call.inputs[name]
+    src = copied_from(call, name, override)
+    from_x = src > 0
+    flat = x.reshape(-1)
+    fwd = torch.where(from_x, flat[(src - 1).clamp(min=0)], torch.tensor(fill_nonzero))
+    used = torch.zeros(x.numel(), dtype=torch.bool)
+    used[src[from_x & call.out] - 1] = True
+    return fwd, used.reshape(x.shape)

@@ -2,9 +2,11 @@
 
 Forward zeros follow f(0): relu/gelu/tanh keep zeros; sigmoid/exp/cos do not. Backward: an input
 element is used where an output element it feeds is kept, and (for products) where the other
-factor can be nonzero. Ops whose value at zero is not finite (reciprocal, rsqrt, log, a divisor)
-prune nothing backward: an inf in an unused slot still turns into NaN when a pruned weight
-multiplies it.
+factor can be nonzero. Ops whose value at zero is not finite (reciprocal, rsqrt, log, a divisor,
+a negative power) prune nothing backward unless the input's value-range fact (``call.signs``,
+``sparta.signs``) says it is never zero (or never outside the op's domain): an inf in an unused
+slot still turns into NaN when a pruned weight multiplies it, but ``rsqrt(mean(x^2) + eps)``
+is finite for every x.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import torch
 
 from sparta.registry import Call, Mask, Refined, elementwise, refine, register_rule
+from sparta.signs import nonzero, positive
 
 from ._util import broadcast_back, broadcast_fwd, full, is_mask, scalar_is_zero
 
@@ -30,17 +33,29 @@ ZERO_PRESERVING = _ops(
     "relu", "gelu", "tanh", "silu", "mish", "neg", "abs", "sin", "sinh", "asin", "asinh",
     "atan", "atanh", "tan", "erf", "expm1", "log1p", "sqrt", "sign", "sgn", "floor", "ceil",
     "round", "trunc", "relu6", "hardswish", "leaky_relu", "elu", "celu", "selu", "hardshrink",
-    "softshrink", "positive", "frac", "square", "deg2rad", "rad2deg", "nan_to_num",
+    "softshrink", "positive", "frac", "square", "deg2rad", "rad2deg", "nan_to_num", "erfinv",
+    "signbit", "rrelu",
 )  # fmt: skip
 # f(0) != 0 but finite: nothing known forward; backward elementwise.
 NOT_ZERO = _ops(
     "sigmoid", "exp", "exp2", "cos", "cosh", "erfc", "hardsigmoid", "softplus", "logical_not",
-    "bitwise_not", "isnan", "isinf", "isfinite", "acos", "isneginf", "isposinf",
+    "bitwise_not", "isnan", "isinf", "isfinite", "acos", "isneginf", "isposinf", "sinc", "i0",
 )  # fmt: skip
 COMPARE = _ops("ge", "gt", "le", "lt", "eq", "ne", "greater_equal", "greater", "less_equal",
                "less", "not_equal")  # fmt: skip
-# f(0) is not finite: nothing known forward, nothing pruned backward.
+# f(0) is not finite: nothing known forward; backward only for inputs in the op's domain.
 NOT_FINITE = _ops("reciprocal", "rsqrt", "log", "log2", "log10", "digamma", "lgamma", "logit")
+# Where each is finite, in terms of its input's signs (digamma, lgamma: also not at negative
+# integers; logit: only inside (0, 1) — no sign fact shows that, so nothing is pruned).
+_FINITE_WHEN = {
+    "reciprocal": nonzero,
+    "rsqrt": positive,
+    "log": positive,
+    "log2": positive,
+    "log10": positive,
+    "digamma": positive,
+    "lgamma": positive,
+}
 
 register_rule(*ZERO_PRESERVING, name="elementwise[any]")(elementwise("any", "self"))
 register_rule(*NOT_ZERO, name="elementwise[none]")(elementwise("none", "self"))
@@ -48,9 +63,12 @@ register_rule(*COMPARE, name="compare")(elementwise("none", "self", "other"))
 register_rule(*_ops("__and__", "bitwise_and", "logical_and"), name="elementwise[any]")(
     elementwise("any", "self", "other")
 )
+register_rule(*_ops("atan2", "logaddexp", "logaddexp2"), name="elementwise[none]")(
+    elementwise("none", "self", "other")
+)
 register_rule(
     *_ops("__or__", "bitwise_or", "logical_or", "__xor__", "bitwise_xor", "logical_xor",
-          "maximum", "minimum", "fmax", "fmin"),
+          "maximum", "minimum", "fmax", "fmin", "hypot"),
     name="elementwise[all]",
 )(elementwise("all", "self", "other"))  # fmt: skip
 
@@ -69,6 +87,11 @@ def _unused(call: Call, name: str = "other") -> Mask | None:
 
 @register_rule(*NOT_FINITE)
 def not_finite_at_zero(call: Call) -> Refined:
+    """Nothing known forward. Backward elementwise when the input's signs keep the op finite:
+    the input is then never forced to zero (``sparta.signs``), only computed and unread."""
+    finite = _FINITE_WHEN.get(call.op._schema.name.split("::")[-1])
+    if finite is not None and finite(call.signs.get("self")):
+        return refine(self=call.out)
     return Refined()
 
 
@@ -121,17 +144,20 @@ def mul(call: Call) -> Refined:
 
 @register_rule(*_ops("div", "true_divide", "floor_divide", "fmod", "remainder"))
 def div(call: Call) -> Refined:
-    """Zero where the dividend is zero and the divisor is not (0/0 is NaN). The divisor is never
-    pruned backward (x/0 is not finite)."""
+    """Zero where the dividend is zero and the divisor is not (0/0 is NaN). The divisor is
+    pruned backward only when its value-range fact says it is never zero (x / sqrt(var + eps)):
+    then it is never forced to zero either, and it matters where the dividend can be nonzero."""
     a = _nz(call, "self")
     if isinstance(a, bool):
         return Refined()  # a scalar dividend
     d = _nz(call, "other")
-    fwd = a | ~d if is_mask(d) else (a if d else None)
-    return refine(out=fwd, self=_back(call, "self", True))
+    never_zero = nonzero(call.signs.get("other"))
+    fwd = (a if never_zero else a | ~d) if is_mask(d) else (a if d else None)
+    divisor = _back(call, "other", a) if never_zero else None
+    return refine(out=fwd, self=_back(call, "self", True), other=divisor)
 
 
-@register_rule(aten.pow)
+@register_rule(aten.pow, *_ops("float_power"))
 def pow_(call: Call) -> Refined:
     """x ** c: zero-preserving for c > 0; x ** 0 == 1 does not read x; c < 0 is not finite."""
     base, exp = call.inputs.get("self"), call.inputs.get("exponent")
@@ -143,6 +169,11 @@ def pow_(call: Call) -> Refined:
             return refine(out=base, self=call.out)
         if e == 0:
             return refine(out=full(call.out.shape, True), self=full(base.shape, False))
+        # a negative power is finite where the base is never zero (and, for a fractional
+        # power, positive)
+        sign = call.signs.get("self")
+        if positive(sign) or (float(e).is_integer() and nonzero(sign)):
+            return refine(self=call.out)
     return Refined()
 
 

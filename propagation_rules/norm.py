@@ -1,4 +1,5 @@
-"""Normalisations: layer_norm, batch_norm (all its ATen variants), group_norm, rms_norm.
+"""Normalisations: layer_norm, batch_norm (all its ATen variants), instance_norm, group_norm,
+rms_norm, and weight normalisation (_weight_norm).
 
 A normalisation subtracts a statistic of a whole group (a token's features for layer_norm, a
 channel for batch_norm in training), so one pruned input element does not make its output zero:
@@ -116,10 +117,10 @@ def batch_norm(call: Call) -> Refined:
     name = call.op._schema.name.split("::")[-1]
     flag = _BN_TRAINING_ARG[name]
     training = bool(call.params.get(flag)) if flag else False
-    if name == "instance_norm":
-        return Refined()  # per-sample statistics over channels: conservative
     x, out = call.inputs["input"], call.outputs[0]
     expand, reduce, others = _per_channel(x)
+    if name == "instance_norm" and training:
+        others = tuple(range(2, x.dim()))  # statistics per sample and channel
     w, b = _opt(call, "weight"), _opt(call, "bias")
     extra = (None,) * (len(call.outputs) - 1)
     if training or _opt(call, "running_mean") is None:
@@ -178,3 +179,32 @@ def group_norm(call: Call) -> Refined:
         weight=reduce(out & gnz) if w is not None else None,
         bias=reduce(out) if b is not None else None,
     )
+
+
+@register_rule(aten._weight_norm, aten._weight_norm_interface)
+def weight_norm(call: Call) -> Refined:
+    """w = v * g / ||v|| with the norm over every dim but ``dim`` (all dims for dim=-1); the
+    interface also returns the norms. A slice of v that is entirely zero gives 0 / 0 = NaN, so
+    nothing is claimed there, and v is never pruned backward: its every element enters the
+    norm, and pruning a slice whose outputs are unused would still turn them into NaN. g[s] is
+    used where slice s has a kept output."""
+    v, g = call.inputs["v"], call.inputs["g"]
+    dim = call.params.get("dim", 0)
+    red = (
+        tuple(range(v.dim()))
+        if dim == -1
+        else tuple(d for d in range(v.dim()) if d != dim % v.dim())
+    )
+    slice_nz = v.any(dim=red, keepdim=True) if red else v
+    g_k = (
+        g.reshape(slice_nz.shape)
+        if g.numel() == slice_nz.numel()
+        else g.any().expand(slice_nz.shape)
+    )
+    fwd = (v & g_k) | ~slice_nz
+    out = call.outputs[0]
+    g_used = out.any(dim=red, keepdim=True) if red else out
+    outs: Mask | tuple = fwd
+    if len(call.outputs) == 2:
+        outs = (fwd, slice_nz.reshape(call.outputs[1].shape))
+    return refine(out=outs, g=g_used.reshape(g.shape) if g.numel() == g_used.numel() else None)

@@ -66,6 +66,7 @@ def make_call(
     dtype_of: Callable[[Any], Any] = lambda v: getattr(v, "dtype", None),
     const_of: Callable[[Any], torch.Tensor | None] = lambda v: None,
     out_dtypes: tuple[Any, ...] = (),
+    signs_of: Callable[[Any], Any] = lambda v: None,
 ) -> Call:
     """Build the ``Call`` a rule sees. ``mask_of(value)`` gives the mask of a tensor-valued
     argument (an fx node or a tensor) and None for anything else."""
@@ -73,6 +74,7 @@ def make_call(
     params: dict[str, Any] = {}
     dtypes: dict[str, Any] = {}
     consts: dict[str, torch.Tensor] = {}
+    signs: dict[str, Any] = {}
     tensor_names = set(tensor_arg_names(op))
     for name, value in bound_arguments(op, args, kwargs).items():
         if name in tensor_names:
@@ -89,12 +91,21 @@ def make_call(
                     c = const_of(value) if value is not None else None
                     if c is not None:
                         consts[name] = c
+                    sign = signs_of(value) if value is not None else None
+                    if sign is not None:
+                        signs[name] = sign
         else:
             params[name] = value
     for i, dt in enumerate(out_dtypes):
         dtypes[f"out{i}"] = dt
     return Call(
-        op=op, inputs=inputs, outputs=tuple(outputs), params=params, dtypes=dtypes, consts=consts
+        op=op,
+        inputs=inputs,
+        outputs=tuple(outputs),
+        params=params,
+        dtypes=dtypes,
+        consts=consts,
+        signs=signs,
     )
 
 

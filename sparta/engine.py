@@ -22,6 +22,7 @@ from . import registry
 from .calls import bound_arguments, check_refined, make_call
 from .known import known_values, known_zeros
 from .registry import Mask, Refined
+from .signs import Sign, sign_facts
 from .trace import METADATA_OPS, Traced
 
 Value = Mask | tuple[Mask, ...]
@@ -37,6 +38,8 @@ class Propagation:
     sweeps: int
     rule_calls: int = 0
     inferred: list[str] = field(default_factory=list)
+    conservative: list[str] = field(default_factory=list)  # ops without a rule, nothing inferred
+    signs: dict[fx.Node, Sign] = field(default_factory=dict)  # value-range facts (sparta.signs)
 
 
 def _is_op(node: fx.Node) -> bool:
@@ -70,11 +73,13 @@ class Engine:
             if n.op != "output" and _tensor_like(self.values.get(n))
         ]
         self.consts = self._fold_constants()
+        self.signs = sign_facts(traced.gm, self.values, bind=bound_arguments)
         self.fwd: dict[fx.Node, Value] = {}
         self.uses: dict[fx.Node, dict[tuple, Mask]] = {n: {} for n in self.nodes}
         self.mask: dict[fx.Node, Value] = {}
         self.rules: dict[fx.Node, str] = {}
         self.inferred: list[str] = []
+        self.conservative: list[str] = []
         self.rule_calls = 0
         zeros = known_zeros(known_values(traced.gm, self.values, self.consts))
         for n in self.nodes:
@@ -96,11 +101,12 @@ class Engine:
     def _fold_constants(self) -> dict[fx.Node, torch.Tensor]:
         """Buffers and anything computed only from buffers and literals (e.g. ``~pattern``)."""
         consts: dict[fx.Node, torch.Tensor] = {}
+        buffers = set(self.t.buffers.values())
         for n in self.t.gm.graph.nodes:
             v = self.values.get(n)
             if not isinstance(v, torch.Tensor) or v.numel() > CONST_LIMIT:
                 continue
-            is_buffer = n.op == "get_attr" and str(n.target) in self.t.buffers
+            is_buffer = n in buffers
             folded = (
                 _is_op(n)
                 and not _nondeterministic(n.target)
@@ -169,7 +175,15 @@ class Engine:
                 raise RuntimeError("propagation did not converge: a rule is not monotone")
         for n in self.nodes:
             self.rules.setdefault(n, n.op if not _is_op(n) else "-")
-        return Propagation(self.mask, self.rules, sweeps, self.rule_calls, self.inferred)
+        return Propagation(
+            self.mask,
+            self.rules,
+            sweeps,
+            self.rule_calls,
+            self.inferred,
+            self.conservative,
+            self.signs,
+        )
 
     def _apply(self, n: fx.Node) -> list[fx.Node]:
         """Run the rule of ``n``; return the values whose mask changed."""
@@ -220,6 +234,7 @@ class Engine:
             ),
             const_of=lambda a: self.consts.get(a) if isinstance(a, fx.Node) else None,
             out_dtypes=out_dtypes,
+            signs_of=lambda a: self.signs.get(a) if isinstance(a, fx.Node) else None,
         )
         entry = registry.lookup(op)
         self.rule_calls += 1
@@ -239,12 +254,17 @@ class Engine:
             raise registry.missing_rule_error(n.target)
         from . import scramble
 
-        if scramble.can_scramble(n.target):
-            self.rules[n] = scramble.INFERRED_RULE_NAME
-            if str(n.target) not in self.inferred:
-                self.inferred.append(str(n.target))
-            return scramble.infer(call)
+        op = str(n.target)
+        if scramble.can_scramble(n.target, call.params):
+            refined = scramble.infer(call)
+            if refined.inputs or refined.outputs:
+                self.rules[n] = scramble.INFERRED_RULE_NAME
+                if op not in self.inferred:
+                    self.inferred.append(op)
+                return refined
         self.rules[n] = "conservative (no rule)"
+        if op not in self.conservative:
+            self.conservative.append(op)
         return Refined()
 
 

@@ -84,3 +84,67 @@ def linear_from_matmuls(gm: fx.GraphModule, param_names: set[str]) -> int:
         gm.graph.lint()
         gm.recompile()
     return rewritten
+
+
+def _functional_variant(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.add_.Tensor`` -> ``aten.add.Tensor``: the out-of-place op with the same arguments,
+    for ops that write only to their first argument and return it."""
+    schema = op._schema
+    written = [a for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+    if not schema.arguments or written != [schema.arguments[0]]:
+        return None
+    base = schema.name.split("::")[-1]
+    if not base.endswith("_") or base.startswith("_"):
+        return None
+    packet = getattr(aten, base[:-1], None)
+    overload = getattr(packet, schema.overload_name or "default", None)
+    if overload is None:
+        return None
+    if [a.name for a in overload._schema.arguments] != [a.name for a in schema.arguments]:
+        return None
+    return overload
+
+
+def _aliases_input(node: fx.Node) -> bool:
+    """Whether a node's result may share memory with one of its inputs (a view)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return node.op != "call_function"  # placeholders, parameters and buffers are not fresh
+    return any(r.alias_info is not None for r in node.target._schema.returns)
+
+
+def mutating_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and isinstance(n.target, torch._ops.OpOverload)
+        and n.target._schema.is_mutable
+    ]
+
+
+def functional_from_inplace(gm: fx.GraphModule) -> int:
+    """Rewrite in-place ops on fresh tensors (``out += identity``, ``ReLU(inplace=True)``,
+    ``detach_`` of a new constant) as their out-of-place ops, in place; returns how many.
+
+    Sound when nothing else can observe the mutation: the mutated tensor is the fresh result of
+    an op that returns new memory (not a view, not an input, parameter or buffer), and every
+    other reader of it comes earlier in the graph and is not a view of it. Later readers already
+    refer to the in-place node, whose value the out-of-place op computes. Mutations that fail
+    these tests are left for ``torch.export``'s functionalization.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    rewritten = 0
+    for n in mutating_nodes(gm):
+        functional = _functional_variant(n.target)
+        target = n.args[0] if n.args else None
+        if functional is None or not isinstance(target, fx.Node) or _aliases_input(target):
+            continue
+        others = [u for u in target.users if u is not n]
+        if any(order[u] > order[n] or _aliases_input(u) for u in others):
+            continue
+        n.target = functional
+        rewritten += 1
+    if rewritten:
+        gm.graph.lint()
+        gm.recompile()
+    return rewritten

@@ -163,12 +163,15 @@ def fusable_activation(n: fx.Node) -> fx.Node | None:
 
 
 def make_plan(p: Propagated, device: torch.device, backends: Iterable[str] | None) -> Plan:
+    forced = backends is not None
     backends = check_backends(backends, device)
     linears = linear_nodes(p)
     layout = analyse(p.traced, p.result.masks, set(linears)) if "shrink" in backends else {}
     choices: dict[fx.Node, Choice] = {}
     for n in linears:
         choices[n] = _choose(p, n, layout, device, backends)
+    if forced:
+        _warn_unapplied(p, choices, backends, device)
     if "triton" in backends:
         for n in matmul_nodes(p):
             choice = _choose_matmul(p, n, device, backends)
@@ -192,7 +195,7 @@ def _choose(
         sub = _shrunk_call(p, n, layout, x, w, b, act_fn)
         if sub is not None:
             candidates["shrink"] = sub
-    pattern = None if bool(wm.all()) else detect_pattern(wm.cpu())
+    pattern = None if bool(wm.all()) else p.pattern_of(n.args[1])
     modules: dict[str, torch.nn.Module] = {}
     for family in ("triton", "cusparselt", "nm_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
@@ -265,6 +268,51 @@ def _builder(family: str, pattern, device: torch.device):
             w, wm, b, act, node=node, tokens=tokens
         )
     return None
+
+
+def _why_not(family: str, mask: torch.Tensor, pattern, device: torch.device) -> str:
+    """Why a family named in ``backends`` is not a candidate for a linear with this mask."""
+    if family == "shrink":
+        return "propagation pruned no whole output feature and no input feature to drop"
+    if bool(mask.all()) and family != "triton":
+        return "its weight keeps every element"
+    if family == "nm_cpu":
+        if device.type != "cpu":
+            return f"nm_cpu runs on the CPU, the model is on {device}"
+        if pattern.kind != "nm":
+            return (
+                f"its weight's pattern is {pattern}, not n:m (at most n kept of every m "
+                f"consecutive inputs, whole pruned rows and columns allowed)"
+            )
+    if family == "cusparselt" and (device.type != "cuda" or str(pattern) != "2:4"):
+        return f"cusparselt needs a 2:4 weight on CUDA, got {pattern} on {device}"
+    if family == "triton" and device.type != "cuda":
+        return f"triton kernels run on CUDA, the model is on {device}"
+    return "the backend refused it (see the warning above)"
+
+
+def _warn_unapplied(
+    p: Propagated, choices: dict[fx.Node, Choice], backends: tuple[str, ...], device: torch.device
+) -> None:
+    """One warning per family the caller named that cannot implement some linear node."""
+    for family in backends:
+        if family == "dense":
+            continue
+        missing = [n for n, c in choices.items() if family not in c.candidates]
+        if not missing:
+            continue
+        names = {node: q for q, node in p.traced.params.items()}
+        lines = [
+            f"{n.name} (weight {names.get(n.args[1], n.args[1])!r}): "
+            f"{_why_not(family, p.result.masks[n.args[1]], p.pattern_of(n.args[1]), device)}"
+            for n in missing
+        ]
+        fallback = "dense" if "dense" in backends else "dense all the same"
+        warnings.warn(
+            f"sparta: backends={list(backends)} names {family!r}, which cannot implement "
+            f"{len(missing)} linear node(s); they run {fallback}: " + "; ".join(lines),
+            stacklevel=3,
+        )
 
 
 class _SemiStructuredLinear(torch.nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,8 +17,7 @@ from .engine import Propagation, propagate_graph
 from .errors import AttrError
 from .flops import matmul_flops
 from .report import NodeEntry, Report, TensorEntry
-from .sparsify import plain_parameter_name
-from .tesa import TeSA, as_tesa, detect_pattern
+from .tesa import Pattern, TeSA, as_tesa, surviving_pattern
 from .trace import Traced, trace
 
 Attrs = Mapping[str, TeSA | torch.Tensor]
@@ -33,32 +33,49 @@ class Propagated:
     result: Propagation
     report: Report
 
+    def pattern_of(self, node: fx.Node) -> Pattern:
+        """The pattern of a node's propagated mask (a given n:m or block pattern survives)."""
+        tesa = given_by_node(self.traced, self.given).get(node)
+        return surviving_pattern(tesa.pattern if tesa else None, self.result.masks[node])
+
+
+def given_by_node(traced: Traced, given: Mapping[str, TeSA]) -> dict[fx.Node, TeSA]:
+    out: dict[fx.Node, TeSA] = {}
+    for name, tesa in given.items():
+        node = _node_of(traced, name)
+        if node is not None:
+            out.setdefault(node, tesa)
+    return out
+
 
 def resolve_attrs(
     traced: Traced, attrs: Attrs
 ) -> tuple[dict[str, TeSA], dict[fx.Node, torch.Tensor]]:
-    """Map each attribute name to its graph node, checking names, types and shapes."""
+    """Map each attribute name to its graph node, checking names, types and shapes.
+
+    Any alias of a tied tensor reaches its one node; two different masks for one tensor are an
+    error. A parameter that forward() never reads takes its mask with a warning (it changes
+    nothing).
+    """
     if not isinstance(attrs, Mapping):
         raise AttrError(
             f"attrs must be a dict from parameter or input names to masks, got "
             f"{type(attrs).__name__}."
         )
-    by_name: dict[str, fx.Node] = {**traced.params, **traced.inputs}
-    by_name.update(
-        {
-            plain_parameter_name(k): v
-            for k, v in traced.params.items()
-            if plain_parameter_name(k) != k
-        }
-    )
     given: dict[str, TeSA] = {}
     nodes: dict[fx.Node, torch.Tensor] = {}
+    named: dict[fx.Node, str] = {}
     for name, value in attrs.items():
-        if name not in by_name:
-            known = [*traced.params, *traced.inputs]
-            raise AttrError.unknown_name(name, known)
+        node = _node_of(traced, name)
         tesa = as_tesa(value, name)
-        node = by_name[name]
+        given[name] = tesa
+        if node is None:
+            warnings.warn(
+                f"sparta: parameter {name!r} is not read by forward() on the example inputs; "
+                f"its mask changes nothing.",
+                stacklevel=3,
+            )
+            continue
         v = traced.example[node]
         if not isinstance(v, torch.Tensor):
             raise AttrError(f"attribute {name!r} names a non-tensor argument ({type(v).__name__}).")
@@ -68,14 +85,44 @@ def resolve_attrs(
                 f"shape {tuple(v.shape)}; give a bool mask of exactly the tensor's shape."
             )
         if node in nodes:
-            raise AttrError(f"attribute {name!r} names a tensor that another attribute names too.")
-        given[name] = tesa
+            if not torch.equal(nodes[node], tesa.mask):
+                raise AttrError(
+                    f"attributes {named[node]!r} and {name!r} name the same tensor (tied "
+                    f"weights: {_all_names(traced, node)}) but give different masks; a tensor "
+                    f"has one mask: give it under one name, or give equal masks."
+                )
+            continue
         nodes[node] = tesa.mask
+        named[node] = name
     return given, nodes
 
 
+def _node_of(traced: Traced, name: str) -> fx.Node | None:
+    """The node an attribute name resolves to; None for a parameter forward() does not read."""
+    if name in traced.inputs:
+        return traced.inputs[name]
+    names = traced.names
+    primary = names.primary.get(name)
+    if primary is not None and primary in names.parameters:
+        return traced.params.get(primary)
+    if name in names.underlying:
+        effective = names.underlying[name]
+        raise AttrError(
+            f"attribute {name!r} names a tensor that the reparametrization of {effective!r} "
+            f"reads (weight_norm, spectral_norm, a torch.nn.utils.parametrize "
+            f"parametrization); the model uses {effective!r}, and sparta masks that effective "
+            f"weight. Give the mask as {effective!r}, of its shape."
+        )
+    raise AttrError.unknown_name(name, [*sorted(names.parameter_names()), *traced.inputs])
+
+
+def _all_names(traced: Traced, node: fx.Node) -> str:
+    primary = next(q for q, n in traced.params.items() if n is node)
+    return ", ".join(repr(n) for n in traced.names.groups.get(primary, [primary]))
+
+
 def tensor_names(traced: Traced) -> dict[fx.Node, tuple[str, str]]:
-    """Report name and kind of every tensor node."""
+    """Report name and kind of every tensor node (parameters by their primary name)."""
     names: dict[fx.Node, tuple[str, str]] = {}
     for q, n in traced.params.items():
         names[n] = (q, "parameter")
@@ -93,29 +140,30 @@ def tensor_names(traced: Traced) -> dict[fx.Node, tuple[str, str]]:
 
 
 def build_report(
-    traced: Traced, given: dict[str, TeSA], result: Propagation, seconds: float
+    traced: Traced,
+    given_nodes: Mapping[fx.Node, torch.Tensor],
+    result: Propagation,
+    seconds: float,
+    given: Mapping[str, TeSA] | None = None,
 ) -> Report:
     names = tensor_names(traced)
-    given_by_node = {}
-    for name, tesa in given.items():
-        for n, (q, _) in names.items():
-            if q == name or plain_parameter_name(q) == name:
-                given_by_node[n] = tesa
+    tesas = given_by_node(traced, given or {})
     tensors, masks = [], {}
     for n, (name, kind) in names.items():
         m = result.masks.get(n)
         if not isinstance(m, torch.Tensor):
             continue
         masks[name] = m
-        g = given_by_node.get(n)
+        g = given_nodes.get(n)
         tensors.append(
             TensorEntry(
                 name=name,
                 kind=kind,
                 shape=list(m.shape),
-                density_given=g.density if g is not None else None,
+                density_given=float(g.float().mean()) if g is not None and g.numel() else None,
                 density=float(m.float().mean()) if m.numel() else 1.0,
-                pattern=str(detect_pattern(m)),
+                pattern=str(surviving_pattern(tesas[n].pattern if n in tesas else None, m)),
+                aliases=traced.names.aliases(name) if kind == "parameter" else [],
             )
         )
     nodes = [
@@ -123,6 +171,7 @@ def build_report(
         for n in traced.gm.graph.nodes
         if n.op == "call_function" and n in result.masks
     ]
+    aliases = {a: p for p in traced.params for a in traced.names.aliases(p)}
     return Report(
         tensors=tensors,
         nodes=nodes,
@@ -130,6 +179,8 @@ def build_report(
         propagation_s=seconds,
         sweeps=result.sweeps,
         inferred_ops=list(result.inferred),
+        conservative_ops=list(result.conservative),
+        aliases=aliases,
     )
 
 
@@ -153,15 +204,18 @@ def run_propagation(
     *,
     example_kwargs: Mapping[str, Any] | None = None,
     strict: bool = True,
+    dynamic: bool = True,
 ) -> Propagated:
+    """Trace (with dynamic batch and sequence dims unless ``dynamic=False``), resolve the
+    attributes, propagate, report."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    traced = trace(model, example_inputs, example_kwargs)
+    traced = trace(model, example_inputs, example_kwargs, dynamic=dynamic)
     given, given_nodes = resolve_attrs(traced, attrs)
     start = time.perf_counter()
     result = propagate_graph(traced, given_nodes, strict=strict)
     seconds = time.perf_counter() - start
-    report = build_report(traced, given, result, seconds)
+    report = build_report(traced, given_nodes, result, seconds, given)
     return Propagated(traced, given, given_nodes, result, report)
 
 

@@ -3,9 +3,11 @@
 The contract of ``sparta.compile`` is "the model with every parameter and input multiplied by
 its attribute mask". ``masked_model`` builds exactly that from the user's module alone, through
 ``named_parameters(remove_duplicate=False)`` (so every alias of a tied tensor resolves to the one
-shared tensor) and ``torch.nn.utils.parametrize`` (a mask on a parametrized weight multiplies
-the *effective* weight), never through the traced graph or the compiler's name resolution. So a
-wrong name resolution in the compiler cannot hide in a comparison against it.
+shared tensor), ``torch.nn.utils.parametrize`` (a mask on a parametrized weight multiplies
+the *effective* weight) and, for a weight that a forward pre-hook computes
+(``torch.nn.utils.prune``, the older ``weight_norm`` / ``spectral_norm``), one more pre-hook that
+multiplies it after them — never through the traced graph or the compiler's name resolution.
+So a wrong name resolution in the compiler cannot hide in a comparison against it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,29 @@ class _MaskParametrization(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
+
+
+class _MaskHook:
+    """A forward pre-hook multiplying a hook-computed weight (``module.weight``) by a mask."""
+
+    def __init__(self, name: str, mask: torch.Tensor) -> None:
+        self.name, self.mask = name, mask
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        w = getattr(module, self.name)
+        setattr(module, self.name, w * self.mask.to(w.device))
+
+
+def copy_module(model: nn.Module) -> nn.Module:
+    """A deep copy. Weights that forward pre-hooks computed (torch.nn.utils.prune, the older
+    weight_norm) are autograd outputs, which deepcopy refuses: they are copied detached (the
+    hooks compute them again on every call)."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, torch.Tensor) and not v.is_leaf:
+                memo[id(v)] = v.detach()
+    return copy.deepcopy(model, memo)
 
 
 def _mask_of(value: TeSA | torch.Tensor) -> torch.Tensor:
@@ -75,14 +100,16 @@ def masked_model(model: nn.Module, attrs: Mapping[str, TeSA | torch.Tensor]) -> 
     Args:
         model: the user's module (not modified).
         attrs: parameter names (any alias ``named_parameters(remove_duplicate=False)`` lists,
-            or the name of a parametrized weight such as ``"fc1.weight"`` under weight_norm)
-            and forward() argument names, mapped to bool masks (True = kept) or TeSAs.
+            the name of a parametrized weight such as ``"fc1.weight"`` under weight_norm, or of
+            a weight a forward pre-hook computes such as a torch.nn.utils.prune'd
+            ``"fc1.weight"``) and forward() argument names, mapped to bool masks (True = kept)
+            or TeSAs.
 
     Raises:
-        AttrError: a name that is neither a parameter, a parametrized weight nor a forward()
+        AttrError: a name that is neither a parameter, a computed weight nor a forward()
             argument.
     """
-    ref = copy.deepcopy(model)
+    ref = copy_module(model)
     params = dict(ref.named_parameters(remove_duplicate=False))
     arg_names = set(inspect.signature(model.forward).parameters)
     inputs: dict[str, torch.Tensor] = {}
@@ -97,6 +124,8 @@ def masked_model(model: nn.Module, attrs: Mapping[str, TeSA | torch.Tensor]) -> 
                 )
             elif name in params:
                 params[name].mul_(mask.to(params[name].device))
+            elif owner is not None and isinstance(vars(owner).get(leaf), torch.Tensor):
+                owner.register_forward_pre_hook(_MaskHook(leaf, mask))  # runs after the others
             elif name in arg_names:
                 inputs[name] = broadcast_input_mask(mask)
             else:

@@ -39,6 +39,9 @@ class Call:
     params: Mapping[str, Any]  # non-tensor arguments by schema name, defaults filled
     dtypes: Mapping[str, Any] = field(default_factory=dict)  # schema name / "out{i}" -> dtype
     consts: Mapping[str, torch.Tensor] = field(default_factory=dict)  # known input values
+    # Value-range facts of inputs by schema name (``sparta.signs.Sign``: the signs a value can
+    # take whatever the model's inputs; absent = unknown).
+    signs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def out(self) -> Mask:

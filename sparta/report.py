@@ -19,6 +19,7 @@ class TensorEntry:
     density_given: float | None
     density: float
     pattern: str
+    aliases: list[str] = field(default_factory=list)  # other names of a tied parameter
 
 
 @dataclass
@@ -41,13 +42,17 @@ class Report:
     propagation_s: float = 0.0
     sweeps: int = 0
     inferred_ops: list[str] = field(default_factory=list)
+    conservative_ops: list[str] = field(default_factory=list)  # no rule, nothing inferred
+    aliases: dict[str, str] = field(default_factory=dict)  # alias -> name in ``masks``
     latency_dense_ms: float | None = None
     latency_compiled_ms: float | None = None
 
     # ------------------------------------------------------------- queries
 
     def mask(self, name: str) -> torch.Tensor:
-        """The propagated bool mask (True = kept) of a parameter, input, activation or output."""
+        """The propagated bool mask (True = kept) of a parameter (by any of its names), input,
+        activation or output."""
+        name = self.aliases.get(name, name)
         if name not in self.masks:
             from .sparsify import plain_parameter_name
 
@@ -97,6 +102,11 @@ class Report:
             )
         if self.inferred_ops:
             parts.append(f"rules inferred by scrambling for: {', '.join(self.inferred_ops)}")
+        if self.conservative_ops:
+            parts.append(
+                f"no rule, treated conservatively (nothing pruned through them): "
+                f"{', '.join(self.conservative_ops)}"
+            )
         return "; ".join(parts)
 
     # ------------------------------------------------------------- output
@@ -110,6 +120,7 @@ class Report:
             "latency_compiled_ms": self.latency_compiled_ms,
             "propagation_s": self.propagation_s,
             "inferred_ops": list(self.inferred_ops),
+            "conservative_ops": list(self.conservative_ops),
         }
 
     def to_json(self, path: str | None = None) -> str:

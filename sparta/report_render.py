@@ -20,7 +20,7 @@ def _tensor_rows(report: Report, include_dense_activations: bool) -> list[list[s
             continue
         rows.append(
             [
-                t.name,
+                t.name + (f" (= {', '.join(t.aliases)})" if t.aliases else ""),
                 t.kind,
                 "x".join(map(str, t.shape)),
                 _fmt(t.density_given, ".1%"),

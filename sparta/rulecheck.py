@@ -20,6 +20,7 @@ import torch
 
 from .calls import bound_arguments, check_refined, make_call, tensor_arg_names
 from .registry import Call, Mask, Refined, lookup
+from .signs import Sign
 
 __all__ = ["DEFAULT_SAMPLERS", "TOLERANCE", "check_rule", "positive", "run_rule"]
 
@@ -41,6 +42,17 @@ def positive(v: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 # Arguments that must be positive for the op to be finite, by schema name.
 DEFAULT_SAMPLERS: dict[str, Sampler] = {"running_var": positive}
+
+
+def _sampler_for(sign: Sign) -> Sampler | None:
+    """Random values within a value-range fact (never zero where zero is excluded)."""
+    if sign == Sign.POS:
+        return positive
+    if sign == Sign.NEG:
+        return lambda v, gen: -positive(v, gen)
+    if int(sign) & ~int(Sign.ZERO | Sign.POS) == 0:
+        return lambda v, gen: positive(v, gen) - 0.5  # [0, 1)
+    return None
 
 
 def _flatten_out(y: Any) -> tuple[torch.Tensor | None, ...]:
@@ -76,8 +88,10 @@ def run_rule(
     input_masks: Mapping[str, Any] | None = None,
     used: Mask | tuple[Mask, ...] | None = None,
     const_args: Iterable[str] = (),
+    signs: Mapping[str, Sign] | None = None,
 ) -> tuple[Call, Refined]:
-    """Build the Call from example args and masks, run the registered rule, validate shapes."""
+    """Build the Call from example args and masks, run the registered rule, validate shapes.
+    ``signs``: value-range facts of inputs by schema name (``call.signs``)."""
     kwargs = dict(kwargs or {})
     entry = lookup(op)
     if entry is None:
@@ -94,6 +108,7 @@ def run_rule(
         elif isinstance(vals, torch.Tensor):
             by_id[id(vals)] = ms
     consts = {id(bound[n]): bound[n] for n in const_args}
+    sign_of = {id(bound[n]): s for n, s in (signs or {}).items()}
     with torch.no_grad():
         outs = _flatten_out(op(*args, **kwargs))
     if used is None:
@@ -110,6 +125,7 @@ def run_rule(
         mask_of=lambda v: by_id.get(id(v)) if isinstance(v, torch.Tensor) else None,
         const_of=lambda v: consts.get(id(v)),
         out_dtypes=tuple(getattr(o, "dtype", None) for o in outs),
+        signs_of=lambda v: sign_of.get(id(v)),
     )
     refined = entry.fn(call)
     check_refined(call, refined, entry.name)
@@ -166,16 +182,20 @@ def check_rule(
     seed: int = 0,
     const_args: Iterable[str] = (),
     samplers: Mapping[str, Sampler] | None = None,
+    signs: Mapping[str, Sign] | None = None,
 ) -> Refined:
     """Check the registered rule of ``op`` on ``trials`` random draws; return what it refined.
 
     ``const_args`` names inputs whose example values the rule may see (``call.consts``); they,
     like integer and bool tensors, keep their given values. ``samplers`` draws a float argument
-    differently (e.g. a positive running variance).
+    differently (e.g. a positive running variance). ``signs`` gives inputs value-range facts
+    (``call.signs``); such an input is drawn within its facts, and — as in a model, where a
+    value that can never be zero is never forced to zero — it is not multiplied by its masks.
     """
     const_args = tuple(const_args)
+    signs = dict(signs or {})
     call, refined = run_rule(
-        op, args, kwargs, input_masks=input_masks, used=used, const_args=const_args
+        op, args, kwargs, input_masks=input_masks, used=used, const_args=const_args, signs=signs
     )
     kwargs = dict(kwargs or {})
     bound = bound_arguments(op, args, kwargs)
@@ -190,10 +210,17 @@ def check_rule(
                 base[n] = _apply(bound[n], call.inputs[n])
             else:
                 s = {**DEFAULT_SAMPLERS, **(samplers or {})}.get(n)
+                if n in signs and Sign.ZERO not in signs[n]:
+                    s = s or _sampler_for(signs[n])
+                    base[n] = _sample(bound[n], None, gen, s)  # never zero: never forced
+                    continue
+                s = s or (_sampler_for(signs[n]) if n in signs else None)
                 base[n] = _sample(bound[n], call.inputs[n], gen, s)
         y0 = _run(op, base, seed + t)
         both = dict(base)
         for n, m in rule_in.items():
+            if n in signs and Sign.ZERO not in signs[n]:
+                continue  # pruned means unread here: it stays as computed
             both[n] = _apply(base[n], m)
         y1 = _run(op, both, seed + t)
         for i, (a, b) in enumerate(zip(y0, y1)):

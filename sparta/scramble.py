@@ -9,8 +9,9 @@ random inputs of the right shapes and dtypes, pruned input positions zeroed, and
   trial); each candidate set is then confirmed by perturbation (replace the candidates by
   zero, by large positive, large negative and random values: the kept outputs must stay
   bit-identical), split in halves where it is not, within a fixed budget of op runs.
-  Without autograd (no formula, integer outputs) every kept input position is a candidate
-  and the same group test decides.
+  Without autograd (no formula, integer outputs) every kept input position is a candidate:
+  perturbation alone decides, as in SparTA's tensor scrambling, first slice by slice along
+  every dim (structured unused sets: features, channels, heads), then by the group test.
 
 It is an inference, not a proof, and it only ever claims what every trial agrees on:
 
@@ -40,6 +41,7 @@ from .registry import Call, InputMask, Mask, Refined
 INFERRED_RULE_NAME = "inferred (scrambling)"
 MAX_ELEMENTS = 1 << 20  # inputs + outputs of one call; larger calls are not scrambled
 MAX_PROBES = 64  # group tests per input tensor (each runs the op `rounds` times)
+MAX_SLICE_PROBES = 256  # slice tests per input tensor when autograd proposes no candidates
 _CACHE_SIZE = 1024
 
 _RANDOM_NAME_PARTS = (
@@ -79,15 +81,27 @@ class ScrambleWarning(UserWarning):
 # ----------------------------------------------------------------------------- which ops
 
 
-def why_not_scramble(op: Any) -> str | None:
-    """The reason ``op`` must not be scrambled, or None if it may be."""
+def _randomness_off(params: Mapping[str, Any] | None) -> bool:
+    """A random op called with its randomness switched off (eval mode, or p = 0)."""
+    if not params:
+        return False
+    if params.get("train", params.get("training")) is False:
+        return True
+    return any(params.get(k) == 0 for k in ("p", "dropout"))
+
+
+def why_not_scramble(op: Any, params: Mapping[str, Any] | None = None) -> str | None:
+    """The reason ``op`` must not be scrambled, or None if it may be. ``params``: the call's
+    non-tensor arguments; a random op (dropout, lstm) called with ``train=False`` or ``p=0`` is
+    deterministic and may be scrambled (``infer`` still checks that two runs agree)."""
     schema = getattr(op, "_schema", None)
     if schema is None or not callable(op):
         return "it is not a torch operator with a schema"
     name = str(getattr(op, "_name", schema.name)).lower()
     base = name.split("::", 1)[-1]
     tags = set(getattr(op, "tags", ()) or ())
-    if torch.Tag.nondeterministic_seeded in tags or any(p in base for p in _RANDOM_NAME_PARTS):
+    random = torch.Tag.nondeterministic_seeded in tags or any(p in base for p in _RANDOM_NAME_PARTS)
+    if random and not _randomness_off(params):
         return "its output is random"
     if any(p in base for p in _GARBAGE_NAME_PARTS):
         return "its output is uninitialised memory"
@@ -108,9 +122,9 @@ def why_not_scramble(op: Any) -> str | None:
     return None
 
 
-def can_scramble(op: Any) -> bool:
+def can_scramble(op: Any, params: Mapping[str, Any] | None = None) -> bool:
     """Whether ``infer`` may run ``op``: no side effects, no mutation, not random, tensors out."""
-    return why_not_scramble(op) is None
+    return why_not_scramble(op, params) is None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -306,6 +320,22 @@ def _perturbed(v: torch.Tensor, g: torch.Tensor, how: int, gen: torch.Generator)
     return v
 
 
+def _slices(candidates: Mask, budget: int) -> list[torch.Tensor]:
+    """Flat indices of the candidates in each slice along each dim, last dim first (where
+    structured pruning lives: features, channels), for the dims that fit in ``budget``."""
+    flat = torch.arange(candidates.numel()).view(candidates.shape)
+    groups: list[torch.Tensor] = []
+    for d in reversed(range(candidates.dim())):
+        size = candidates.shape[d]
+        if size < 2 or len(groups) + size > budget:
+            continue
+        for i in range(size):
+            g = flat.select(d, i)[candidates.select(d, i)]
+            if g.numel():
+                groups.append(g)
+    return groups
+
+
 def _confirm_unused(
     call: Call,
     slots: list[_Slot],
@@ -314,29 +344,42 @@ def _confirm_unused(
     bases: list[tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]],
     kept: tuple[Mask, ...],
     gen: torch.Generator,
+    *,
+    slices: bool,
 ) -> Mask:
     """Group test: the subset of ``candidates`` of slot ``j`` that perturbation confirms unused.
 
     A group is unused if, from every base trial, setting it to zero, far above, far below and
     to fresh values changes no kept output and makes no output non-finite. Moving a group
     both above and below every other value catches selections (max, topk, sort, argmax).
-    A group that moves is split in halves; after ``MAX_PROBES`` groups the rest stays used.
+    With ``slices`` (no autograd to propose candidates), every slice along every dim is tested
+    first (up to ``MAX_SLICE_PROBES``), which finds structured unused sets (pruned features,
+    channels, heads) in a number of probes linear in the dims' sizes. Then the remaining
+    candidates are tested as one group, split in halves where it moves; after ``MAX_PROBES``
+    groups the rest stays used.
     """
     unused = torch.zeros(candidates.numel(), dtype=torch.bool)
-    queue = [candidates.flatten().nonzero().flatten()]
+
+    def stable(g: torch.Tensor) -> bool:
+        return all(
+            _same(outs, _run(call, slots, [*values[:j], _perturbed(values[j], g, how, gen),
+                                           *values[j + 1:]]), kept)
+            for values, outs in bases
+            for how in range(4)
+        )  # fmt: skip
+
+    for g in _slices(candidates, MAX_SLICE_PROBES) if slices else []:
+        g = g[~unused[g]]
+        if g.numel() and stable(g):
+            unused[g] = True
+    queue = [(candidates.flatten() & ~unused).nonzero().flatten()]
     probes = 0
     while queue and probes < MAX_PROBES:
         g = queue.pop(0)
         if g.numel() == 0:
             continue
         probes += 1
-        stable = all(
-            _same(outs, _run(call, slots, [*values[:j], _perturbed(values[j], g, how, gen),
-                                           *values[j + 1:]]), kept)
-            for values, outs in bases
-            for how in range(4)
-        )  # fmt: skip
-        if stable:
+        if stable(g):
             unused[g] = True
         elif g.numel() > 1:
             half = g.numel() // 2
@@ -410,7 +453,7 @@ def infer(
     integer or bool input has no known value, the call is too large, or the op fails.
     """
     op = call.op
-    reason = why_not_scramble(op)
+    reason = why_not_scramble(op, call.params)
     if reason is not None:
         _warn(op, f"{op} is not scrambled ({reason}); it is treated conservatively.")
         return Refined()
@@ -489,13 +532,16 @@ def _infer(call: Call, slots: list[_Slot], trials: int, seed: int) -> Refined:
 
     # backward: autograd proposes, perturbation confirms
     cand = _grad_candidates(call, slots, kept, gen, trials)
+    perturbation_only = cand is None
     if cand is None:
         cand = [s.mask.clone() if s.float_like else torch.zeros_like(s.mask) for s in slots]
     new: list[Mask] = []
     with torch.no_grad():
         for j, s in enumerate(slots):
             if bool(cand[j].any()):
-                unused = _confirm_unused(call, slots, j, cand[j], bases, kept, gen)
+                unused = _confirm_unused(
+                    call, slots, j, cand[j], bases, kept, gen, slices=perturbation_only
+                )
                 new.append(s.mask & ~unused)
             else:
                 new.append(s.mask)

@@ -94,13 +94,23 @@ def block_any(mask: torch.Tensor, bh: int, bw: int) -> torch.Tensor:
     )
 
 
+def live_lines(mask: torch.Tensor) -> torch.Tensor:
+    """(..., R, C): True except on whole rows and whole columns (of the last two dims) that are
+    entirely pruned. Propagation prunes such lines (a unit nobody reads, a dead input feature)
+    on top of a weight's own pattern; the pattern is that of what remains."""
+    rows = mask.any(dim=-1, keepdim=True)
+    cols = mask.any(dim=-2, keepdim=True)
+    return rows & cols
+
+
 def _is_block(mask: torch.Tensor, bh: int, bw: int) -> bool:
+    """Kept blocks of (bh, bw) fully kept, but for entirely pruned rows and columns."""
     rows, cols = mask.shape[-2:]
     if rows < bh or cols < bw:
         return False
     kept = block_any(mask, bh, bw)
     full = kept.repeat_interleave(bh, dim=-2).repeat_interleave(bw, dim=-1)
-    return torch.equal(full[..., :rows, :cols], mask)
+    return torch.equal(full[..., :rows, :cols] & live_lines(mask), mask)
 
 
 def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
@@ -110,16 +120,29 @@ def group_counts(mask: torch.Tensor, m: int) -> torch.Tensor:
     return padded.reshape(*mask.shape[:-1], padded.shape[-1] // m, m).sum(dim=-1)
 
 
+def _nm_fit(counts: torch.Tensor, m: int, loose: torch.Tensor) -> int | None:
+    """n if every group keeps at most n = the largest count and exactly n unless ``loose``."""
+    n = int(counts.max()) if counts.numel() else 0
+    if not 0 < n < m or not bool((counts <= n).all()):
+        return None
+    return n if bool(((counts == n) | loose).all()) else None
+
+
 def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
-    """(n, m) where every full group of m keeps exactly n (a shorter last group at most n)."""
+    """(n, m) where every group of m consecutive elements of the last dim keeps at most n, and
+    exactly n where the group is whole (a shorter last group may keep fewer) — entirely pruned
+    rows aside (units nobody reads, which propagation prunes on top of an n:m weight)."""
     k = mask.shape[-1]
     for m in NM_GROUPS:
         if k < m:
             continue
         counts = group_counts(mask, m)
-        full, tail = counts[..., : k // m], counts[..., k // m :]
-        n = int(full.max())
-        if 0 < n < m and bool((full == n).all()) and bool((tail <= n).all()):
+        loose = torch.zeros(counts.shape[-1], dtype=torch.bool)
+        loose[k // m :] = True
+        if mask.dim() >= 2:
+            loose = loose | ~mask.any(dim=-1, keepdim=True)
+        n = _nm_fit(counts, m, loose)
+        if n is not None:
             return n, m
     return None
 
@@ -136,13 +159,33 @@ def detect_pattern(mask: torch.Tensor) -> Pattern:
             return Pattern("row" if d == 0 else "column")
         return Pattern("channel", dim=d)
     if mask.dim() >= 2:
-        for b in BLOCK_SIZES:
-            if _is_block(mask, b, b):
-                return Pattern("block", block=(b, b))
+        # The block size whose kept blocks cover the least (pruned lines make larger blocks
+        # fit too); ties go to the larger block.
+        fits = [b for b in BLOCK_SIZES if _is_block(mask, b, b)]
+        if fits:
+            b = min(fits, key=lambda b: (int(block_any(mask, b, b).sum()) * b * b, -b))
+            return Pattern("block", block=(b, b))
     nm = _nm(mask)
     if nm is not None:
         return Pattern("nm", n=nm[0], m=nm[1], dim=-1)
     return Pattern("unstructured")
+
+
+def surviving_pattern(given: Pattern | None, mask: torch.Tensor) -> Pattern:
+    """The pattern of a propagated mask. Propagation only prunes more; an n:m pattern ("at most
+    n of every m") and a block pattern stay true when it does, also where detection alone could
+    no longer tell (a dead input column leaves a group short of n): so the given pattern where
+    the mask still satisfies it and detection finds nothing more structured, else the detected
+    one."""
+    detected = detect_pattern(mask)
+    if (
+        given is not None
+        and given.kind in ("nm", "block")
+        and detected.kind == "unstructured"
+        and satisfies(mask, given)
+    ):
+        return given
+    return detected
 
 
 def satisfies(mask: torch.Tensor, pattern: Pattern) -> bool:
