@@ -86,6 +86,46 @@ _define("sparta::block_sparse_linear", _block_sparse_linear, _block_sparse_linea
 BLOCK_SPARSE_LINEAR = torch.ops.sparta.block_sparse_linear.default
 
 
+def _block_sparse_swiglu(
+    x: Tensor,
+    slabs_g: Tensor,
+    tile_ptr_g: Tensor,
+    kidx_g: Tensor,
+    slabs_u: Tensor,
+    tile_ptr_u: Tensor,
+    kidx_u: Tensor,
+    cols: Tensor,
+    bias_g: Tensor | None,
+    bias_u: Tensor | None,
+    kernel: str,
+    out_features: int,
+    block_m: int,
+    warps: int,
+    stages: int,
+) -> Tensor:
+    """silu(x @ Wg.T + bg) * (x @ Wu.T + bu), both packed under one tiling (``triton_swiglu``)."""
+    x2, y = _linear_out(x, out_features)
+    m = x2.shape[0]
+    grid = (tile_ptr_g.shape[0] - 1, _cdiv(m, block_m), 1)
+    bg = bias_g if bias_g is not None else slabs_g  # never read when the source has no bias
+    bu = bias_u if bias_u is not None else slabs_u
+    args = (x2, slabs_g, tile_ptr_g, kidx_g, slabs_u, tile_ptr_u, kidx_u, cols, bg, bu, y, m,
+            out_features, x2.stride(0), out_features, block_m)  # fmt: skip
+    _launch(kernel, grid, args, warps, stages)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _block_sparse_swiglu_fake(
+    x, slabs_g, tile_ptr_g, kidx_g, slabs_u, tile_ptr_u, kidx_u, cols, bias_g, bias_u, kernel,
+    out_features, block_m, warps, stages
+):  # fmt: skip
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+_define("sparta::block_sparse_swiglu", _block_sparse_swiglu, _block_sparse_swiglu_fake)
+BLOCK_SPARSE_SWIGLU = torch.ops.sparta.block_sparse_swiglu.default
+
+
 # ------------------------------------------------------------------ SDDMM / sparse-input
 
 

@@ -48,5 +48,5 @@ def interpreter_safe(source: str, dtype: torch.dtype) -> str:
     """
     if dtype != torch.bfloat16:
         return source
-    upcast = r"tl.dot(\1.to(tl.float32), \2.to(tl.float32), acc)"
-    return re.sub(r"tl\.dot\((\w+), (\w+), acc\)", upcast, source)
+    upcast = r"tl.dot(\1.to(tl.float32), \2.to(tl.float32), \3)"
+    return re.sub(r"tl\.dot\((\w+), (\w+), (acc\w*)\)", upcast, source)

@@ -130,6 +130,8 @@ class Emitter:
                 self.g.output(self.arg(n.args[0], False))
             elif n.op == "call_module":
                 continue  # export's shape guards: the compiled graph re-checks nothing it needs
+            elif choice is not None and choice.impl == "fused":
+                continue  # computed inside another node's kernel (which absorbs its user)
             elif choice is not None and choice.impl not in ("dense", "shrink"):
                 self.env[n] = self._kernel(n)
             elif n.target is LINEAR and choice is not None and choice.impl == "shrink":

@@ -28,7 +28,7 @@ from .kernels import reference
 from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
 from .shrink import LINEAR, analyse, linear_keep
-from .tesa import detect_pattern
+from .tesa import block_any, detect_pattern
 from .timing import compare_ms
 
 FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu")
@@ -70,8 +70,8 @@ class Plan:
     timer: str = "host"  # "device" (CUDA-graph replays) or "host" (per call)
 
     def sparse(self) -> list[fx.Node]:
-        """Nodes that run anything but the dense op."""
-        return [n for n, c in self.choices.items() if c.impl != "dense"]
+        """Nodes that run anything but the dense op (not counting nodes fused into another)."""
+        return [n for n, c in self.choices.items() if c.impl not in ("dense", "fused")]
 
 
 def check_backends(backends: Iterable[str] | None, device: torch.device) -> tuple[str, ...]:
@@ -211,6 +211,13 @@ def make_plan(
             choice = _choose_matmul(p, n, device, backends, device_time)
             if choice is not None:
                 choices[n] = choice
+        from .codegen import triton_gen
+
+        if triton_gen.available(device):
+            from .fusion import choose_swiglu, swiglu_groups
+
+            for group in swiglu_groups(p, linears):
+                choices.update(choose_swiglu(p, group, choices, device, device_time))
     shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
     layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
     timer = "device" if device_time and device.type == "cuda" else "host"
@@ -220,6 +227,8 @@ def make_plan(
 def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -> Plan:
     """``plan`` with ``nodes`` turned back to dense (their reason says why)."""
     choices = dict(plan.choices)
+    nodes = list(nodes)
+    nodes += [f for n in nodes for f in choices[n].fused if f in choices]  # nodes fused into n
     for n in nodes:
         c = choices[n]
         choices[n] = Choice(
@@ -234,6 +243,18 @@ def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -
 def dense_plan(plan: Plan) -> Plan:
     """Every node dense: the exported graph with the masks folded into the weights."""
     return Plan({}, {}, plan.device, plan.backends, plan.timer)
+
+
+TILE = 16  # the smallest tile a block-sparse kernel can skip (tl.dot's minimum)
+MIN_SKIPPED = 0.1  # fraction of TILE x TILE weight tiles that must be empty for them to pay
+
+
+def skips_tiles(mask: torch.Tensor) -> bool:
+    """Whether a block-sparse kernel could skip anything worth it: at least ``MIN_SKIPPED`` of
+    the weight's ``TILE x TILE`` tiles are empty. Below that (2:4, unstructured masks) it does
+    the dense MMA work on worse tiles: measured 0.14-0.41x of cuBLAS on an H200
+    (bench/results/triton_linear_h200_2026-11-21.md), so it is not even built."""
+    return float(block_any(mask, TILE, TILE).float().mean()) <= 1.0 - MIN_SKIPPED
 
 
 def _why(impl: str, t: dict[str, float], allowed: dict[str, float], device_time: bool) -> str:
@@ -269,7 +290,7 @@ def _choose(
     fused: dict[str, bool] = {}
     for family in ("triton", "cusparselt", "nm_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
-        if builder is None:
+        if builder is None or (family == "triton" and not skips_tiles(wm)):
             continue
         fused[family] = act in FUSES[family]
         own = act if fused[family] else None
