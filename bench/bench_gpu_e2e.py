@@ -58,12 +58,28 @@ class Setup:
     compile_backend: str
 
 
-def _linear_weights(model: torch.nn.Module, prefix: str) -> list[str]:
+def _linear_weights(model: torch.nn.Module) -> list[str]:
     return [
-        f"{name}.weight"
-        for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.startswith(prefix)
+        f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)
     ]
+
+
+ROLES = ("q", "k", "v", "attn_out", "fc1", "fc2")
+
+
+def encoder_layers(model: torch.nn.Module) -> list[dict[str, str]]:
+    """Weight names of each encoder layer by role, from the order every HF encoder declares its
+    linears in (q, k, v, attention output, FFN in, FFN out), whatever they are called."""
+    names = _linear_weights(model)
+    params = dict(model.named_parameters())
+    if len(names) % len(ROLES):
+        raise SystemExit(f"expected {len(ROLES)} linears per encoder layer, got {names}")
+    layers = [dict(zip(ROLES, names[i : i + 6])) for i in range(0, len(names), 6)]
+    for layer in layers:
+        h, f = params[layer["attn_out"]].shape[0], params[layer["fc1"]].shape[0]
+        if params[layer["fc2"]].shape != (h, f) or params[layer["attn_out"]].shape != (h, h):
+            raise SystemExit(f"unexpected encoder layer layout: {layer}")
+    return layers
 
 
 def encoder_cases(heads: int) -> dict[str, Callable[[torch.nn.Module], dict]]:
@@ -71,12 +87,12 @@ def encoder_cases(heads: int) -> dict[str, Callable[[torch.nn.Module], dict]]:
     from sparta.sparsifiers import NM, BlockMagnitude, Channels, Heads
 
     def each(model, sparsifier):
-        return sparta.sparsify(model, dict.fromkeys(_linear_weights(model, "encoder."), sparsifier))
+        return sparta.sparsify(model, dict.fromkeys(_linear_weights(model), sparsifier))
 
     def units_heads(model):
-        names = _linear_weights(model, "encoder.")
-        attn_out = [n for n in names if n.endswith("attention.output.dense.weight")]
-        ffn_out = [n for n in names if n.endswith("output.dense.weight") and n not in attn_out]
+        layers = encoder_layers(model)
+        attn_out = [layer["attn_out"] for layer in layers]
+        ffn_out = [layer["fc2"] for layer in layers]
         spec = dict.fromkeys(ffn_out, Channels(0.5, dim=1))
         spec.update(dict.fromkeys(attn_out, Heads(heads, 0.25, dim=1)))
         return sparta.sparsify(model, spec)
@@ -94,7 +110,7 @@ def llama_cases() -> dict[str, Callable[[torch.nn.Module], dict]]:
     from sparta.sparsifiers import BlockMagnitude
 
     def mlp(model):
-        names = [n for n in _linear_weights(model, "layers.") if ".mlp." in n]
+        names = [n for n in _linear_weights(model) if ".mlp." in n]
         return sparta.sparsify(model, dict.fromkeys(names, BlockMagnitude((32, 32), 0.9)))
 
     return {"e": mlp}
