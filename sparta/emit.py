@@ -157,6 +157,11 @@ class Emitter:
 
     def _get_attr(self, n: fx.Node) -> fx.Node:
         value = self.p.traced.example[n]
+        if isinstance(value, torch.nn.Module):  # the body of a higher-order op (autocast region)
+            name = f"{str(n.target).replace('.', '_')}_{self.attr_count}"
+            self.attr_count += 1
+            self.root.add_module(name, value)
+            return self.g.get_attr(name)
         mask = self.p.result.masks.get(n)
         if isinstance(mask, torch.Tensor) and value.is_floating_point() and not bool(mask.all()):
             value = value * mask.to(value.device)

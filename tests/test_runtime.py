@@ -109,6 +109,25 @@ def test_inductor_runtime_equals_masked_model(compiled_kernels) -> None:
             assert close(compiled(fresh), ref(fresh)), batch
 
 
+def test_a_higher_order_op_body_is_carried_over() -> None:
+    class Autocast(nn.Module):  # Llama's rotary embedding runs in such a region
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", enabled=False):
+                y = torch.cos(x.float()) * 2
+            return self.fc(y)
+
+    model, x = Autocast().eval(), torch.randn(3, 8)
+    compiled = sparta.compile(model, {}, (x,), measure=False)
+    assert any(isinstance(m, torch.fx.GraphModule) for m in compiled.graph_module.children())
+    with torch.no_grad():
+        fresh = torch.randn(5, 8)
+        assert close(compiled(fresh), model(fresh))
+
+
 def test_modes_and_the_cpu_default() -> None:
     lin = nn.Linear(8, 8).eval()
     x = torch.randn(3, 8)
