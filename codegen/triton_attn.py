@@ -14,9 +14,10 @@ from sparta.errors import BackendError
 from sparta.kernels import triton_sddmm, triton_spmm
 from sparta.tesa import block_any
 
+from . import triton_ops
 from .cache import cache_key
-from .triton_launch import Launcher
-from .triton_load import device_name, inspect_source, load_kernel
+from .op_call import OpCall
+from .triton_load import device_name, inspect_source, kernel_id
 from .triton_pack import block_tile, kept_tiles, mask_digest
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -27,19 +28,13 @@ def resolve_device(device: torch.device | str) -> torch.device:
     return torch.empty(0, device=device).device
 
 
-def _batched(
-    a: torch.Tensor, b: torch.Tensor, what: str
-) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-    """Broadcast the batch dims of a and b and flatten them to one (views where possible)."""
+def _check_batch(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.dim() < 2 or b.dim() < 2:
         raise BackendError(f"{what}: operands need at least 2 dims, got {a.shape} and {b.shape}.")
     try:
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except RuntimeError as e:
         raise BackendError(f"{what}: batch dims {a.shape} and {b.shape} do not broadcast.") from e
-    a3 = a.expand(*batch, *a.shape[-2:]).reshape(-1, *a.shape[-2:])
-    b3 = b.expand(*batch, *b.shape[-2:]).reshape(-1, *b.shape[-2:])
-    return a3, b3, tuple(batch)
 
 
 def _check_operands(a, b, dtype, device, what: str) -> None:
@@ -76,8 +71,7 @@ class SDDMM(torch.nn.Module):
         )
         self.key = cache_key("triton-sddmm", mask_digest(pattern), block, dtype,
                              device_name(torch.device(device)))  # fmt: skip
-        kernel = load_kernel(self.source, triton_sddmm.KERNEL_NAME, dtype)
-        self._launcher = Launcher(kernel, n_constexpr=1, out_index=2)
+        self.kernel = kernel_id(self.source, triton_sddmm.KERNEL_NAME, dtype)
         desc = f"sddmm block={block} tile={self.tile} kept_tiles={self.n_kept}/{self.n_tiles}"
         inspect_source(self.source, node=node, pattern=desc, key=self.key)
 
@@ -87,15 +81,13 @@ class SDDMM(torch.nn.Module):
         if a.shape[-2] != self.m or b.shape[-1] != self.n or a.shape[-1] != b.shape[-2]:
             raise BackendError(f"{what}: pattern is ({self.m}, {self.n}); got operands "
                                f"{tuple(a.shape)} @ {tuple(b.shape)}.")  # fmt: skip
-        a3, b3, batch = _batched(a, b, what)
-        nb, k = a3.shape[0], a3.shape[-1]
-        c = torch.empty((nb, self.m, self.n), dtype=self.dtype, device=a.device)
-        if nb and self.n_tiles:
-            args = (a3, b3, c, self.ti, self.tj, self.kb, self.n_kept, self.m, self.n, k,
-                    a3.stride(0), a3.stride(1), a3.stride(2), b3.stride(0), b3.stride(1),
-                    b3.stride(2), c.stride(0), c.stride(1), self.bk)  # fmt: skip
-            self._launcher.launch((self.n_tiles, nb, 1), args, 4, 3)
-        return c.view(*batch, self.m, self.n)
+        _check_batch(a, b, what)
+        return self.op_call()(a, b)
+
+    def op_call(self) -> OpCall:
+        tables = (("ti", self.ti), ("tj", self.tj), ("kb", self.kb))
+        static = (("kernel", self.kernel), ("n_kept", self.n_kept), ("bk", self.bk))
+        return OpCall(triton_ops.SDDMM, tables, static)
 
 
 class SparseInputMatmul(torch.nn.Module):
@@ -118,8 +110,7 @@ class SparseInputMatmul(torch.nn.Module):
         self.source = triton_spmm.render(tile=self.tile, dtype=dtype)
         self.key = cache_key("triton-spmm", mask_digest(pattern), block, dtype,
                              device_name(torch.device(device)))  # fmt: skip
-        kernel = load_kernel(self.source, triton_spmm.KERNEL_NAME, dtype)
-        self._launcher = Launcher(kernel, n_constexpr=1, out_index=2)
+        self.kernel = kernel_id(self.source, triton_spmm.KERNEL_NAME, dtype)
         desc = f"sparse-input block={block} tile={self.tile} kept_tiles={int(counts.sum())}"
         inspect_source(self.source, node=node, pattern=desc, key=self.key)
 
@@ -129,14 +120,13 @@ class SparseInputMatmul(torch.nn.Module):
         if p.shape[-2] != self.m or p.shape[-1] != self.k or v.shape[-2] != self.k:
             raise BackendError(f"{what}: pattern is ({self.m}, {self.k}); got operands "
                                f"{tuple(p.shape)} @ {tuple(v.shape)}.")  # fmt: skip
-        p3, v3, batch = _batched(p, v, what)
-        nb, n = p3.shape[0], v3.shape[-1]
-        c = torch.empty((nb, self.m, n), dtype=self.dtype, device=p.device)
-        bn = min(128, max(16, 1 << max(0, n - 1).bit_length()))
-        if nb and n and self.m:
-            grid = (self.n_row_tiles, -(-n // bn), nb)
-            args = (p3, v3, c, self.tile_ptr, self.kidx, self.m, n, self.k,
-                    p3.stride(0), p3.stride(1), p3.stride(2), v3.stride(0), v3.stride(1),
-                    v3.stride(2), c.stride(0), c.stride(1), bn)  # fmt: skip
-            self._launcher.launch(grid, args, 4, 3)
-        return c.view(*batch, self.m, n)
+        _check_batch(p, v, what)
+        if p.numel() == 0 or v.numel() == 0:
+            batch = torch.broadcast_shapes(p.shape[:-2], v.shape[:-2])
+            return p.new_zeros((*batch, self.m, v.shape[-1]))
+        return self.op_call()(p, v)
+
+    def op_call(self) -> OpCall:
+        tables = (("tile_ptr", self.tile_ptr), ("kidx", self.kidx))
+        static = (("kernel", self.kernel), ("tile", self.tile))
+        return OpCall(triton_ops.SPARSE_INPUT_MATMUL, tables, static)

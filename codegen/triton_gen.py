@@ -6,25 +6,25 @@ Public entry points (called by the planner):
 - ``build_block_sparse_linear(weight, mask, bias, activation, node=...)``
 - ``build_sddmm(pattern, block, dtype=..., device=..., node=...)``
 - ``build_sparse_input_matmul(pattern, block, dtype=..., device=..., node=...)``
-- ``capture_cuda_graph(module, example_x)`` for a fixed-shape, low-overhead call path.
 
-All mask analysis and packing happens at build time; forward() only launches the kernel on
-the precomputed tables. The modules are inference-only (no autograd).
+All mask analysis and packing happens at build time; forward() only calls the kernel's
+``torch.library`` op (``triton_ops``) on the precomputed tables, and ``op_call()`` gives the
+emitted graph that same call. The modules are inference-only (no autograd).
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparta.cuda_graphs import capture
 from sparta.errors import BackendError
 from sparta.kernels import triton_bsmm
 from sparta.kernels.triton_common import ACTIVATIONS
 
+from . import triton_ops
 from .cache import cache_key, debug_level
+from .op_call import OpCall
 from .triton_attn import SDDMM, SparseInputMatmul
-from .triton_launch import Launcher
-from .triton_load import available, device_name, inspect_source, interpreting, load_kernel
+from .triton_load import available, device_name, inspect_source, interpreting, kernel_id
 from .triton_pack import PackedLinear, TilePlan, mask_digest, pack_linear, plan_tiles
 from .triton_tune import INTERPRETER_CONFIG, LinearConfig, time_ms, token_class, tuned_config
 
@@ -34,7 +34,6 @@ __all__ = [
     "build_block_sparse_linear",
     "build_sddmm",
     "build_sparse_input_matmul",
-    "capture_cuda_graph",
 ]
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,6 +84,7 @@ class BlockSparseLinear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.config, self.source, self.key = config, source, key
+        self.tokens: int | None = None  # the token count the planner expects (set by the builder)
         self.n_tiles, self.n_slabs = plan.n_tiles, plan.n_slabs
         self.kept_fraction = plan.n_slabs * plan.bn * plan.bk / max(1, out_features * in_features)
         self.register_buffer("slabs", packed.slabs, persistent=False)
@@ -92,15 +92,25 @@ class BlockSparseLinear(torch.nn.Module):
         self.register_buffer("kidx", packed.kidx, persistent=False)
         self.register_buffer("cols", packed.cols, persistent=False)
         self.register_buffer("bias", packed.bias, persistent=False)
-        self._bias_arg = packed.bias if packed.bias is not None else packed.slabs
         dt = packed.slabs.dtype
-        self._launchers = {
-            swap: Launcher(load_kernel(source, name, dt), n_constexpr=1, out_index=6)
+        self.kernels = {
+            swap: kernel_id(source, name, dt)
             for swap, name in (
                 (False, triton_bsmm.KERNEL_NAME),
                 (True, triton_bsmm.KERNEL_NAME + "_t"),
             )
         }
+
+    def op_call(self, tokens: int | None = None) -> OpCall:
+        """The kernel as the emitted graph calls it, launched as tuned for ``tokens`` rows of
+        x (default: the count it was built for; any row count runs correctly either way)."""
+        tokens = tokens if tokens is not None else self.tokens
+        swap, bm, warps, stages = self.config.launch(tokens if tokens is not None else 1 << 30)
+        tables = (("slabs", self.slabs), ("tile_ptr", self.tile_ptr), ("kidx", self.kidx),
+                  ("cols", self.cols), ("bias", self.bias))  # fmt: skip
+        static = (("kernel", self.kernels[swap]), ("out_features", self.out_features),
+                  ("block_m", bm), ("warps", warps), ("stages", stages))  # fmt: skip
+        return OpCall(triton_ops.BLOCK_SPARSE_LINEAR, tables, static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -110,18 +120,9 @@ class BlockSparseLinear(torch.nn.Module):
                 f"{tuple(x.shape)} {x.dtype}."
             )
         _not_training(x, "the block-sparse linear")
-        x2 = x.reshape(-1, k)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        m = x2.shape[0]
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-        if m:
-            swap, bm, warps, stages = self.config.launch(m)
-            grid = (self.n_tiles, -(-m // bm), 1)
-            args = (x2, self.slabs, self.tile_ptr, self.kidx, self.cols, self._bias_arg, y,
-                    m, n, x2.stride(0), n, bm)  # fmt: skip
-            self._launchers[swap].launch(grid, args, warps, stages)
-        return y.view(*x.shape[:-1], n)
+        if x.numel() == 0:
+            return x.new_empty((*x.shape[:-1], n))
+        return self.op_call(x.numel() // k)(x)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -207,6 +208,7 @@ def build_block_sparse_linear(
             )
     plan = plan_tiles(mask, config.bn, config.bk, cluster=config.cluster)
     module = _make_linear(weight, mask, bias, activation, plan, config, key=key)
+    module.tokens = tokens
     inspect_source(module.source, node=node, pattern=_describe(mask, module.extra_repr()), key=key)
     return module
 
@@ -238,32 +240,3 @@ def _validate_pattern(pattern: torch.Tensor, block: int, what: str) -> None:
         raise BackendError(f"{what}: pattern must be a 2-D bool tensor, got {pattern!r:.80}.")
     if int(block) < 1:
         raise BackendError(f"{what}: block must be a positive int, got {block}.")
-
-
-class GraphCaptured(torch.nn.Module):
-    """Replays a CUDA graph of ``module(x)`` for one fixed input shape (inputs are copied in)."""
-
-    def __init__(self, module: torch.nn.Module, example_x: torch.Tensor) -> None:
-        super().__init__()
-        self.module = module
-        self.shape, self.dtype = example_x.shape, example_x.dtype
-        self._replay = capture(module, example_x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape != self.shape or x.dtype != self.dtype:
-            raise BackendError(
-                f"the captured graph takes {tuple(self.shape)} {self.dtype}, "
-                f"got {tuple(x.shape)} {x.dtype}; capture again for another shape."
-            )
-        return self._replay(x)
-
-
-def capture_cuda_graph(module: torch.nn.Module, example_x: torch.Tensor) -> torch.nn.Module:
-    """A module replaying ``module`` as one CUDA graph for inputs shaped like ``example_x``.
-
-    The returned tensor is the graph's static output buffer: it is overwritten by the next
-    call (clone it to keep it).
-    """
-    if example_x.device.type != "cuda":
-        raise BackendError(f"CUDA-graph capture needs a CUDA input, got {example_x.device}.")
-    return GraphCaptured(module, example_x)

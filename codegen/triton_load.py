@@ -4,6 +4,10 @@ A generated source is written to the cache as ``<key>.py`` (content-addressed: t
 hashes the source and the versions) and imported from there, since Triton reads a kernel's
 source from its file. Identical sources share one loaded kernel per process, so masks with
 the same shapes and tile choice share one compiled binary.
+
+A kernel is named by its *kernel id* ``"<key>/<function>"``, the ``str`` argument through
+which the emitted graph's ops (``codegen/triton_ops.py``) find it: a constant of the graph that
+changes whenever the source does, so any cache keyed on the graph stays correct.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ from typing import Any
 
 import torch
 
+from sparta.errors import BackendError
 from sparta.kernels.triton_common import interpreter_safe
 
-from .cache import cache_key, cached_file, debug_level, dump_source
+from .cache import cache_dir, cache_key, cached_file, debug_level, dump_source
 
-_LOADED: dict[tuple[str, bool], Any] = {}
+_LOADED: dict[tuple[str, bool], Any] = {}  # (key, interpreting) -> imported module
+_PATHS: dict[str, Path] = {}  # key -> cached source file
 
 
 def interpreting() -> bool:
@@ -45,29 +51,50 @@ def available(device: torch.device | str) -> bool:
     return dev.type == "cpu" and interpreting()
 
 
-def load_kernel(source: str, name: str, dtype: torch.dtype) -> Any:
-    """The ``@triton.jit`` function ``name`` of ``source``, via the cache."""
+def kernel_id(source: str, name: str, dtype: torch.dtype) -> str:
+    """Write ``source`` to the cache (once) and return the id of its function ``name``."""
     if interpreting():
         source = interpreter_safe(source, dtype)
     key = cache_key("triton-source", source)
+    if key not in _PATHS:
+
+        def build(path: Path) -> None:
+            path.write_text(source)
+
+        _PATHS[key] = cached_file(key, ".py", build, check=lambda p: p.read_text() == source)
+    return f"{key}/{name}"
+
+
+def kernel_by_id(kid: str) -> Any:
+    """The ``@triton.jit`` function named by a :func:`kernel_id` (imported once per process)."""
+    key, _, name = kid.partition("/")
     memo = (key, interpreting())
-    if memo in _LOADED:
-        return _LOADED[memo]
+    module = _LOADED.get(memo)
+    if module is None:
+        path = _PATHS.get(key, cache_dir() / f"{key}.py")
+        if not path.exists():
+            raise BackendError(
+                f"generated Triton kernel {kid!r} is not in the kernel cache {cache_dir()}: "
+                f"compile the model again in this environment (sparta.compile)."
+            )
+        module = _import(path, f"sparta_triton_{key}_{int(memo[1])}")
+        _LOADED[memo] = module
+    return getattr(module, name)
 
-    def build(path: Path) -> None:
-        path.write_text(source)
 
-    path = cached_file(key, ".py", build, check=lambda p: p.read_text() == source)
-    mod_name = f"sparta_triton_{key}_{int(memo[1])}"
+def load_kernel(source: str, name: str, dtype: torch.dtype) -> Any:
+    """The ``@triton.jit`` function ``name`` of ``source``, via the cache."""
+    return kernel_by_id(kernel_id(source, name, dtype))
+
+
+def _import(path: Path, mod_name: str) -> Any:
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import the generated kernel file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     spec.loader.exec_module(module)
-    fn = getattr(module, name)
-    _LOADED[memo] = fn
-    return fn
+    return module
 
 
 def inspect_source(source: str, *, node: str, pattern: str, key: str) -> None:

@@ -36,6 +36,7 @@ LARGE_LAUNCH: tuple[Launch, ...] = (
     (False, 256, 8, 3),
     (False, 128, 4, 6),
     (True, 128, 4, 4),
+    (True, 256, 8, 3),  # M >> N: 256 tokens on the wide MMA side, fewer re-reads of W slabs
 )
 SMALL_LAUNCH: tuple[Launch, ...] = ((False, 64, 4, 4), (True, 64, 4, 4), (False, 32, 4, 4))
 

@@ -11,7 +11,8 @@ ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 
 
 def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
-    """The epilogue activation ``name`` applied to ``y`` (``None`` = identity)."""
+    """The epilogue activation ``name`` applied to ``y`` (``None`` = identity; ``"silu"`` too,
+    which only the Triton kernels fuse)."""
     if name is None:
         return y
     if name == "relu":
@@ -20,6 +21,8 @@ def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
         return F.gelu(y)
     if name == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
+    if name == "silu":
+        return F.silu(y)
     raise BackendError(f"activation must be one of {ACTIVATIONS}, got {name!r}.")
 
 

@@ -10,7 +10,9 @@ import re
 
 import torch
 
-from .reference import ACTIVATIONS
+from . import reference
+
+ACTIVATIONS = (*reference.ACTIVATIONS, "silu")  # the epilogues the Triton kernels fuse
 
 TL_DTYPE = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
@@ -24,6 +26,8 @@ _ACT_SRC = {
         "u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)\n"
         "acc = 0.5 * acc * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))"
     ),
+    # silu(x) = x * sigmoid(x); exp(-x) is clamped at 80 (sigmoid is 0 there in any dtype).
+    "silu": "acc = acc / (1.0 + tl.exp(tl.minimum(-acc, 80.0)))",
 }
 
 HEADER = "import triton\nimport triton.language as tl\n\n"
@@ -44,5 +48,5 @@ def interpreter_safe(source: str, dtype: torch.dtype) -> str:
     """
     if dtype != torch.bfloat16:
         return source
-    upcast = r"tl.dot(\1.to(tl.float32), \2.to(tl.float32), acc)"
-    return re.sub(r"tl\.dot\((\w+), (\w+), acc\)", upcast, source)
+    upcast = r"tl.dot(\1.to(tl.float32), \2.to(tl.float32), \3)"
+    return re.sub(r"tl\.dot\((\w+), (\w+), (acc\w*)\)", upcast, source)

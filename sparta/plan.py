@@ -5,6 +5,11 @@ sliced away: a smaller dense op), ``triton`` (generated block-sparse GPU kernels
 ``nm_cpu`` (grouped n:m C++ kernels). A family is a candidate only where it applies; the
 fastest measured candidate wins, so a sparse path slower than dense is never picked unless
 the user leaves ``dense`` out.
+
+Candidates are timed the way the runtime will run them (``device_time``: CUDA-graph replays
+for Inductor / CUDA-graph runtimes, per call on the host for eager), and every choice records
+why it was made (``Choice.reason``). ``back_off`` turns chosen nodes back to dense when the
+whole graph measures slower than dense (``sparta/compile.py``).
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import torch.nn.functional as F
 
 from .errors import BackendError, PlanError
 from .kernels import reference
+from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
 from .shrink import LINEAR, analyse, linear_keep
-from .tesa import detect_pattern
+from .tesa import block_any, detect_pattern
 from .timing import compare_ms
 
 FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu")
@@ -30,6 +36,13 @@ SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
 ACTIVATIONS = {
     torch.ops.aten.relu.default: "relu",
     torch.ops.aten.gelu.default: "gelu",
+    torch.ops.aten.silu.default: "silu",
+}
+# The epilogue activations each generated-kernel family fuses.
+FUSES = {
+    "triton": TRITON_ACTIVATIONS,
+    "nm_cpu": reference.ACTIVATIONS,
+    "cusparselt": reference.ACTIVATIONS,
 }
 
 
@@ -39,8 +52,13 @@ class Choice:
     latency_ms: float
     dense_latency_ms: float
     module: torch.nn.Module | None = None  # for generated-kernel families
-    fused: fx.Node | None = None  # activation node folded into the kernel
+    fused: tuple[fx.Node, ...] = ()  # nodes folded into the kernel (its activation)
     candidates: dict[str, float] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def saving_ms(self) -> float:
+        return self.dense_latency_ms - self.latency_ms
 
 
 @dataclass
@@ -49,6 +67,11 @@ class Plan:
     layout: dict  # fx.Node -> Compact, for shrunk chains
     device: torch.device
     backends: tuple[str, ...]
+    timer: str = "host"  # "device" (CUDA-graph replays) or "host" (per call)
+
+    def sparse(self) -> list[fx.Node]:
+        """Nodes that run anything but the dense op (not counting nodes fused into another)."""
+        return [n for n, c in self.choices.items() if c.impl not in ("dense", "fused")]
 
 
 def check_backends(backends: Iterable[str] | None, device: torch.device) -> tuple[str, ...]:
@@ -104,7 +127,7 @@ def _block_for(pattern: torch.Tensor) -> int:
 
 
 def _choose_matmul(
-    p: Propagated, n: fx.Node, device: torch.device, backends: tuple[str, ...]
+    p: Propagated, n: fx.Node, device: torch.device, backends: tuple[str, ...], device_time: bool
 ) -> Choice | None:
     """Output-sparse (SDDMM) or sparse-input Triton kernels for a matmul whose output, or
     whose left operand, carries a sparse pattern; None when neither is sparse."""
@@ -132,10 +155,16 @@ def _choose_matmul(
     except BackendError as e:
         warnings.warn(f"sparta: triton cannot implement {n.name}: {e}", stacklevel=2)
         return None
-    t = compare_ms({"dense": lambda: torch.matmul(a, b), family: lambda: mod(a, b)}, device)
+    call = mod.op_call()
+    t = compare_ms(
+        {"dense": lambda: torch.matmul(a, b), family: lambda: call(a, b)},
+        device,
+        device_time=device_time,
+    )
     allowed = {k: v for k, v in t.items() if k != "dense" or "dense" in backends}
     impl = min(allowed, key=allowed.get)
-    return Choice(impl, t[impl], t["dense"], mod if impl != "dense" else None, None, t)
+    reason = _why(impl, t, allowed, device_time)
+    return Choice(impl, t[impl], t["dense"], mod if impl != "dense" else None, (), t, reason)
 
 
 def masked_weight(p: Propagated, n: fx.Node, device: torch.device) -> tuple:
@@ -149,46 +178,110 @@ def masked_weight(p: Propagated, n: fx.Node, device: torch.device) -> tuple:
     return w * wm, wm, b
 
 
-def fusable_activation(n: fx.Node) -> fx.Node | None:
+def fusable_activation(n: fx.Node) -> tuple[fx.Node | None, str | None]:
+    """The activation node a kernel can absorb (the linear's only user) and its name."""
     users = list(n.users)
-    if len(users) == 1 and users[0].target in ACTIVATIONS:
-        u = users[0]
-        if (
-            u.target is torch.ops.aten.gelu.default
-            and u.kwargs.get("approximate", "none") != "none"
-        ):
-            return None
-        return u
-    return None
+    if len(users) != 1 or users[0].target not in ACTIVATIONS:
+        return None, None
+    u = users[0]
+    name = ACTIVATIONS[u.target]
+    if u.target is torch.ops.aten.gelu.default:
+        approx = u.kwargs.get("approximate", u.args[1] if len(u.args) > 1 else "none")
+        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
+    return (u, name) if name is not None else (None, None)
 
 
-def make_plan(p: Propagated, device: torch.device, backends: Iterable[str] | None) -> Plan:
+def make_plan(
+    p: Propagated,
+    device: torch.device,
+    backends: Iterable[str] | None,
+    *,
+    device_time: bool = False,
+) -> Plan:
+    """Choose an implementation per linear (and attention matmul) node by measured latency;
+    ``device_time``: time candidates by device time (graph runtimes on CUDA)."""
     forced = backends is not None
     backends = check_backends(backends, device)
     linears = linear_nodes(p)
     layout = analyse(p.traced, p.result.masks, set(linears)) if "shrink" in backends else {}
     choices: dict[fx.Node, Choice] = {}
     for n in linears:
-        choices[n] = _choose(p, n, layout, device, backends)
+        choices[n] = _choose(p, n, layout, device, backends, device_time)
     if forced:
         _warn_unapplied(p, choices, backends, device)
     if "triton" in backends:
         for n in matmul_nodes(p):
-            choice = _choose_matmul(p, n, device, backends)
+            choice = _choose_matmul(p, n, device, backends, device_time)
             if choice is not None:
                 choices[n] = choice
+        from .codegen import triton_gen
+
+        if triton_gen.available(device):
+            from .fusion import choose_swiglu, swiglu_groups
+
+            for group in swiglu_groups(p, linears):
+                choices.update(choose_swiglu(p, group, choices, device, device_time))
     shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
     layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
-    return Plan(choices, layout, device, backends)
+    timer = "device" if device_time and device.type == "cuda" else "host"
+    return Plan(choices, layout, device, backends, timer)
+
+
+def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -> Plan:
+    """``plan`` with ``nodes`` turned back to dense (their reason says why)."""
+    choices = dict(plan.choices)
+    nodes = list(nodes)
+    nodes += [f for n in nodes for f in choices[n].fused if f in choices]  # nodes fused into n
+    for n in nodes:
+        c = choices[n]
+        choices[n] = Choice(
+            "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
+            f"{reason} (alone: {c.impl} {c.latency_ms:.4f} ms vs dense {c.dense_latency_ms:.4f})",
+        )  # fmt: skip
+    shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
+    layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
+    return Plan(choices, layout, plan.device, plan.backends, plan.timer)
+
+
+def dense_plan(plan: Plan) -> Plan:
+    """Every node dense: the exported graph with the masks folded into the weights."""
+    return Plan({}, {}, plan.device, plan.backends, plan.timer)
+
+
+TILE = 16  # the smallest tile a block-sparse kernel can skip (tl.dot's minimum)
+MIN_SKIPPED = 0.1  # fraction of TILE x TILE weight tiles that must be empty for them to pay
+
+
+def skips_tiles(mask: torch.Tensor) -> bool:
+    """Whether a block-sparse kernel could skip anything worth it: at least ``MIN_SKIPPED`` of
+    the weight's ``TILE x TILE`` tiles are empty. Below that (2:4, unstructured masks) it does
+    the dense MMA work on worse tiles: measured 0.14-0.41x of cuBLAS on an H200
+    (bench/results/triton_linear_h200_2026-11-21.md), so it is not even built."""
+    return float(block_any(mask, TILE, TILE).float().mean()) <= 1.0 - MIN_SKIPPED
+
+
+def _why(impl: str, t: dict[str, float], allowed: dict[str, float], device_time: bool) -> str:
+    timer = "device time" if device_time else "host time per call"
+    ranked = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]))
+    if impl != min(allowed, key=allowed.get):
+        tie = f"shrink within {SHRINK_TIE - 1:.0%} of the fastest, kept as a layout choice"
+        return f"{tie}: {ranked} ms ({timer})"
+    if len(allowed) == 1 and impl == "dense":
+        return f"no sparse family applies: dense {t[impl]:.4f} ms ({timer})"
+    return f"fastest: {ranked} ms ({timer})"
 
 
 def _choose(
-    p: Propagated, n: fx.Node, layout: dict, device: torch.device, backends: tuple[str, ...]
+    p: Propagated,
+    n: fx.Node,
+    layout: dict,
+    device: torch.device,
+    backends: tuple[str, ...],
+    device_time: bool = False,
 ) -> Choice:
     x = p.traced.example[n.args[0]].detach().to(device)
     w, wm, b = masked_weight(p, n, device)
-    act_node = fusable_activation(n)
-    act = ACTIVATIONS.get(act_node.target) if act_node is not None else None
+    act_node, act = fusable_activation(n)
     act_fn = functools.partial(reference.activation, name=act)
     candidates: dict[str, Callable[[], object]] = {"dense": lambda: act_fn(F.linear(x, w, b))}
     if "shrink" in backends:
@@ -197,17 +290,24 @@ def _choose(
             candidates["shrink"] = sub
     pattern = None if bool(wm.all()) else p.pattern_of(n.args[1])
     modules: dict[str, torch.nn.Module] = {}
+    fused: dict[str, bool] = {}
     for family in ("triton", "cusparselt", "nm_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
-        if builder is None:
+        if builder is None or (family == "triton" and not skips_tiles(wm)):
             continue
+        fused[family] = act in FUSES[family]
+        own = act if fused[family] else None
         try:
-            modules[family] = builder(w, wm, b, act, node=n.name, tokens=x.numel() // x.shape[-1])
+            mod = builder(w, wm, b, own, node=n.name, tokens=x.numel() // x.shape[-1])
         except BackendError as e:
             warnings.warn(f"sparta: {family} cannot implement {n.name}: {e}", stacklevel=2)
             continue
-        candidates[family] = lambda m=modules[family]: m(x)
-    timings = compare_ms(candidates, device)
+        modules[family] = mod
+        call = mod.op_call() if hasattr(mod, "op_call") else mod
+        candidates[family] = (
+            (lambda c=call: c(x)) if fused[family] else (lambda c=call: act_fn(c(x)))
+        )
+    timings = compare_ms(candidates, device, device_time=device_time)
     dense_ms = timings["dense"]
     allowed = {k: v for k, v in timings.items() if k != "dense" or "dense" in backends}
     if not allowed:
@@ -217,13 +317,15 @@ def _choose(
         # A tie (host-bound timings on a GPU, noise) goes to the compact layout: mixing compact
         # and full layouts along a chain costs gathers/scatters that no single node's timing sees.
         impl = "shrink"
+    absorbed = (act_node,) if impl in modules and fused[impl] and act_node is not None else ()
     return Choice(
         impl,
         timings[impl],
         dense_ms,
         modules.get(impl),
-        act_node if impl in modules else None,
+        absorbed,
         timings,
+        _why(impl, timings, allowed, device_time),
     )
 
 
@@ -232,7 +334,8 @@ def _shrunk_call(p, n, layout, x, w, b, act_fn):
     shrink."""
     out_keep = linear_keep(p.result.masks[n]).to(x.device)
     src = layout.get(n.args[0])
-    in_keep = src.keep.to(x.device) if src is not None and src.dim == x.dim() - 1 else None
+    narrower = src is not None and src.dim == x.dim() - 1 and len(src.keep) < src.full
+    in_keep = src.keep.to(x.device) if narrower else None
     if len(out_keep) == w.shape[0] and in_keep is None:
         return None
     ws = w[out_keep]
@@ -252,8 +355,12 @@ def _builder(family: str, pattern, device: torch.device):
         if not nm_cpu.available():
             _warn_once("no C++ compiler found: the nm_cpu backend is off, dense is used instead")
             return None
-        return lambda w, wm, b, act, node, tokens: nm_cpu.build_nm_linear(
-            w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
+        from .codegen.nm_cpu_op import NMLinearOp
+
+        return lambda w, wm, b, act, node, tokens: NMLinearOp(
+            nm_cpu.build_nm_linear(
+                w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
+            )
         )
     if family == "cusparselt":
         if device.type != "cuda" or pattern.kind != "nm" or (pattern.n, pattern.m) != (2, 4):
@@ -288,6 +395,11 @@ def _why_not(family: str, mask: torch.Tensor, pattern, device: torch.device) -> 
         return f"cusparselt needs a 2:4 weight on CUDA, got {pattern} on {device}"
     if family == "triton" and device.type != "cuda":
         return f"triton kernels run on CUDA, the model is on {device}"
+    if family == "triton" and not skips_tiles(mask):
+        return (
+            f"fewer than {MIN_SKIPPED:.0%} of its {TILE}x{TILE} weight tiles are empty, so a "
+            "block-sparse kernel would skip nothing worth it"
+        )
     return "the backend refused it (see the warning above)"
 
 

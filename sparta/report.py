@@ -32,6 +32,7 @@ class NodeEntry:
     dense_latency_ms: float | None = None
     flops_dense: int = 0
     flops_sparse: int = 0
+    reason: str = ""  # why the planner chose ``impl`` (measured candidates, back-off)
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Report:
     aliases: dict[str, str] = field(default_factory=dict)  # alias -> name in ``masks``
     latency_dense_ms: float | None = None
     latency_compiled_ms: float | None = None
+    runtime: str = ""  # what runs the compiled graph (sparta.compile's mode)
+    rewrites: list[str] = field(default_factory=list)  # graph rewrites beyond the plan
+    whole: dict[str, Any] | None = None  # whole graph vs dense graph, timed the same way
 
     # ------------------------------------------------------------- queries
 
@@ -96,10 +100,13 @@ class Report:
             f"propagation {self.propagation_s * 1e3:.0f} ms in {self.sweeps} sweeps",
         ]
         if self.latency_dense_ms and self.latency_compiled_ms:
+            timer = f", {self.whole['timer']}" if self.whole else ""
             parts.append(
                 f"latency {self.latency_dense_ms:.3f} ms dense -> {self.latency_compiled_ms:.3f} "
-                f"ms compiled ({self.latency_dense_ms / self.latency_compiled_ms:.2f}x)"
+                f"ms compiled ({self.latency_dense_ms / self.latency_compiled_ms:.2f}x{timer})"
             )
+        if self.runtime:
+            parts.append(f"runtime {self.runtime}")
         if self.inferred_ops:
             parts.append(f"rules inferred by scrambling for: {', '.join(self.inferred_ops)}")
         if self.conservative_ops:
@@ -121,6 +128,9 @@ class Report:
             "propagation_s": self.propagation_s,
             "inferred_ops": list(self.inferred_ops),
             "conservative_ops": list(self.conservative_ops),
+            "runtime": self.runtime,
+            "rewrites": list(self.rewrites),
+            "whole": self.whole,
         }
 
     def to_json(self, path: str | None = None) -> str:

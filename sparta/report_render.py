@@ -45,13 +45,14 @@ def _node_rows(report: Report) -> list[list[str]]:
                 _fmt(n.latency_ms),
                 _fmt(n.dense_latency_ms),
                 f"{n.flops_sparse / max(n.flops_dense, 1):.1%}" if n.flops_dense else "-",
+                n.reason or "-",
             ]
         )
     return rows
 
 
 TENSOR_HEAD = ["tensor", "kind", "shape", "given", "propagated", "pattern"]
-NODE_HEAD = ["node", "target", "rule", "impl", "ms", "dense ms", "flops kept"]
+NODE_HEAD = ["node", "target", "rule", "impl", "ms", "dense ms", "flops kept", "why"]
 
 
 def render_text(report: Report, include_dense_activations: bool = False) -> str:

@@ -1,9 +1,22 @@
-"""Latency measurement used by the planner and the report (never FLOPs)."""
+"""Latency measurement used by the planner and the report (never FLOPs).
+
+Two timers, chosen by the runtime that will run the graph (``sparta/runtime.py``):
+
+- host (eager runtime, and every CPU timing): calls back to back, the median per-call time as
+  an eager caller sees it, Python and launch overhead included. A kernel whose host launch cost
+  exceeds its device time is charged that cost, as an eager caller pays it.
+- device (Inductor / CUDA-graph runtimes on CUDA): the call is captured ``reps`` times into one
+  CUDA graph and the graph is replayed between two CUDA events; the median per call is device
+  time with no launch gaps, on warm caches (L2 holds the operands as it does when the same
+  layer runs in a model). That is what such a runtime pays: Inductor's launcher and graph
+  replays keep the host off the critical path.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -13,20 +26,26 @@ def measure_ms(
     fn: Callable[[], object],
     device: torch.device,
     *,
+    device_time: bool = False,
     budget_ms: float = 60.0,
     min_reps: int = 5,
     max_reps: int = 200,
 ) -> float:
-    """Median latency of ``fn()`` in milliseconds after warm-up, as an eager caller sees it
-    (``max_reps`` bounds the CPU samples; CUDA samples are rounds of back-to-back calls).
+    """Median latency of ``fn()`` in milliseconds after warm-up (see the module docstring).
 
-    On CUDA, calls run back to back between two events (median per-call time over rounds), so
-    a call whose Python and launch overhead exceeds its kernel time is charged that overhead:
-    the GPU waits for the host, as it does in an eager model. Timers that hide the host (an L2
-    flush between calls, as triton's do_bench does) would let the planner pick launch-bound
-    kernels that make the eager model slower.
+    ``device_time`` selects the device timer on CUDA (ignored on the CPU). A call that cannot
+    be captured in a CUDA graph is timed on the host instead, with a warning.
     """
     if device.type == "cuda":
+        if device_time:
+            try:
+                return device_ms(fn, device, budget_ms=budget_ms, min_reps=min_reps)
+            except RuntimeError as e:
+                warnings.warn(
+                    f"sparta: a candidate could not be captured in a CUDA graph ({e}); timed on "
+                    f"the host instead",
+                    stacklevel=2,
+                )
         return _cuda_eager_ms(fn, device, budget_ms=budget_ms, min_reps=min_reps)
     with torch.no_grad():
         fn()
@@ -42,18 +61,64 @@ def measure_ms(
     return statistics.median(samples) * 1e3
 
 
+def _warm_up(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+    """Run ``fn`` (first-call builds, allocator) on a side stream; return one call's ms."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device)
+    return max((time.perf_counter() - t0) * 1e3, 1e-3)
+
+
+def device_ms(
+    fn: Callable[[], object], device: torch.device, *, budget_ms: float = 60.0, min_reps: int = 5
+) -> float:
+    """Device time of one ``fn()`` call in ms: CUDA-graph replays between events (median).
+
+    Raises RuntimeError when ``fn`` cannot be captured (host syncs, CPU tensors...).
+    """
+    with torch.no_grad(), torch.cuda.device(device):
+        one_ms = _warm_up(fn, device)
+        reps = max(1, min(50, int(1.0 / one_ms)))  # about a millisecond of work per replay
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    fn()
+        except Exception as e:  # noqa: BLE001 - report any capture failure the same way
+            raise RuntimeError(f"{type(e).__name__}: {e}") from e
+        graph.replay()
+        torch.cuda.synchronize(device)
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        replay_ms = max(begin.elapsed_time(end), 1e-3)
+        rounds = int(max(min_reps, min(100, budget_ms / replay_ms)))
+        samples = []
+        for _ in range(rounds):
+            begin.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end) / reps)
+        del graph
+    return statistics.median(samples)
+
+
 def _cuda_eager_ms(
     fn: Callable[[], object], device: torch.device, *, budget_ms: float, min_reps: int
 ) -> float:
     with torch.no_grad(), torch.cuda.device(device):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(3):  # warm-up (first-call builds, allocator)
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        one_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+        one_ms = _warm_up(fn, device)
         per_round = max(1, min(50, int(2.0 / one_ms)))  # rounds of >= ~2 ms
         rounds = int(max(min_reps, min(50, budget_ms / (per_round * one_ms))))
         samples = []
@@ -71,14 +136,17 @@ def compare_ms(
     fns: dict[str, Callable[[], object]],
     device: torch.device,
     *,
+    device_time: bool = False,
     budget_ms: float = 120.0,
     max_reps: int = 100,
 ) -> dict[str, float]:
-    """Median latency of each candidate, measured round-robin so that background load
-    affects all candidates alike."""
+    """Median latency of each candidate. On the CPU they are measured round-robin so that
+    background load affects all candidates alike."""
     if device.type == "cuda":
+        each = budget_ms / max(len(fns), 1)
         return {
-            k: measure_ms(f, device, budget_ms=budget_ms / max(len(fns), 1)) for k, f in fns.items()
+            k: measure_ms(f, device, device_time=device_time, budget_ms=each)
+            for k, f in fns.items()
         }
     samples: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():

@@ -119,7 +119,7 @@ def test_nm_cpu_path_follows_example_token_count(tokens: int, path: str) -> None
     attrs = sparta.sparsify(lin, {"weight": NM(1, 4)})
     x = torch.randn(tokens, 64)
     compiled = sparta.compile(lin, attrs, (x,), backends=["nm_cpu"], measure=False)
-    built = [mod for mod in compiled.modules() if isinstance(mod, nm_cpu.NMLinear)]
+    built = [c.module for c in compiled.plan.choices.values() if c.impl == "nm_cpu"]
     assert [mod.path for mod in built] == [path]
 
 
@@ -164,12 +164,15 @@ def test_a_compiled_model_measured_slower_than_dense_is_reported(monkeypatch) ->
     import sys
 
     sc = sys.modules["sparta.compile"]  # the module (sparta.compile is also the function)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    mask = torch.rand(16, 16) > 0.5
-    monkeypatch.setattr(sc, "compare_ms", lambda fns, dev, **kw: {"dense": 1.0, "compiled": 2.0})
-    with pytest.warns(UserWarning, match=r"slower than the dense one .*2\.000 ms vs 1\.000 ms"):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    mask[:8] = False  # half the outputs pruned: the linear shrinks
+    slow = lambda fns, dev, **kw: {k: 1.0 if k == "dense" else 2.0 for k in fns}  # noqa: E731
+    monkeypatch.setattr(sc, "compare_ms", slow)
+    with pytest.warns(UserWarning, match=r"slower than the dense .*2\.000 ms vs 1\.000 ms"):
         compiled = sparta.compile(model, {"0.weight": mask}, (torch.randn(4, 16),))
     assert compiled.report.latency_compiled_ms == 2.0
+    assert compiled.report.whole["backed_off"]  # the shrunk node went back to dense
 
 
 @pytest.mark.parametrize(("shrink_ms", "picked"), [(1.04, "shrink"), (1.2, "dense")])

@@ -1,0 +1,233 @@
+"""Emit the compiled graph: the exported graph rewritten by the plan, nothing else added.
+
+One pass over the traced graph builds a new ``fx.Graph``:
+
+- parameters become buffers with their masks folded in, once, at compile time;
+- a node the plan gives a generated kernel becomes one call of the kernel's ``torch.library``
+  op (``codegen/op_call.py``: activations, packed tables as buffers, static config), absorbing
+  the activation the kernel fuses;
+- a shrunk linear becomes a smaller ``aten.linear`` on compact values (``sparta/shrink.py``);
+  a compact value is expanded with zeros only where a consumer needs it full-size;
+- every other node is copied, with two rewrites: ops that name sizes are told the compact size
+  (``COMPACT_ARGS``, one entry per op), and a mask argument that value-range analysis proves
+  has no effect on any run (``sparta/value_range.py``) is dropped (``DROPPABLE``), so e.g.
+  ``scaled_dot_product_attention`` keeps its flash/cuDNN kernels when a model passes an
+  all-True mask. The dead code that built such a mask goes with it.
+
+With no attributes and a dense plan the result has no node the exported graph did not have.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .calls import bound_arguments
+from .errors import AttrError
+from .plan import MATMULS, Plan
+from .propagate import Propagated
+from .shrink import LINEAR, SDPA, VIEWS, Compact, expand, linear_keep
+from .value_range import all_true, all_zero, value_ranges
+
+
+def apply_input_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
+    """Multiply a forward() argument by its attribute mask (reduced to the dims it varies on)."""
+    try:
+        return x * mask
+    except RuntimeError:
+        raise AttrError(
+            f"input {name!r} has shape {tuple(x.shape)}, which its attribute mask of shape "
+            f"{tuple(mask.shape)} does not broadcast to; compile again with an example of this "
+            f"shape, or give a mask that is constant along the batch dims."
+        ) from None
+
+
+def _reduced(mask: torch.Tensor) -> torch.Tensor:
+    """Collapse dims along which the mask is constant, so other batch sizes still work."""
+    for d in range(mask.dim()):
+        first = mask.narrow(d, 0, 1)
+        if torch.equal(first.expand_as(mask), mask):
+            mask = first
+    return mask
+
+
+def _view_shape(args: tuple, kwargs: dict, c: Compact) -> tuple[tuple, dict]:
+    """A view/reshape of a compact value: its size along the compact dim is the kept count."""
+    shape = list(args[1])
+    if not (isinstance(shape[c.dim], int) and shape[c.dim] == -1):
+        shape[c.dim] = len(c.keep)
+    return (args[0], shape, *args[2:]), kwargs
+
+
+# How a compact value passes through ops whose arguments name sizes: op -> rewrite of its
+# (already mapped) arguments. Ops that only see the compact tensor need no entry.
+COMPACT_ARGS: dict[Any, Callable[[tuple, dict, Compact], tuple[tuple, dict]]] = {
+    v: _view_shape for v in VIEWS
+}
+# Mask arguments an op ignores when they are proven all-True (bool) or all-zero (additive).
+DROPPABLE: dict[Any, str] = {SDPA: "attn_mask"}
+
+
+class Emitter:
+    """Builds the compiled ``fx.GraphModule`` from a propagation result and a plan."""
+
+    def __init__(self, p: Propagated, plan: Plan, root: torch.nn.Module) -> None:
+        self.p, self.plan, self.root = p, plan, root
+        self.layout = plan.layout
+        self.g = fx.Graph()
+        self.env: dict[fx.Node, fx.Node] = {}
+        self.expanded: dict[fx.Node, fx.Node] = {}
+        self.attr_count = 0
+        self.skip: dict[fx.Node, fx.Node] = {}  # node absorbed into a kernel -> the kernel node
+        self.notes: list[str] = []  # rewrites beyond the plan, for the report
+        ex = p.traced.example
+        consts = {n: v for n, v in ex.items() if n.op == "get_attr" and torch.is_tensor(v)}
+        self.ranges = value_ranges(p.traced.gm, consts, self._dtype)
+
+    def _dtype(self, n: fx.Node) -> torch.dtype | None:
+        v = self.p.traced.example.get(n)
+        return v.dtype if isinstance(v, torch.Tensor) else None
+
+    def attr(self, value: torch.Tensor, hint: str) -> fx.Node:
+        name = f"{hint.replace('.', '_')}_{self.attr_count}"
+        self.attr_count += 1
+        self.root.register_buffer(name, value.detach().to(self.plan.device))
+        return self.g.get_attr(name)
+
+    def full(self, a: fx.Node) -> fx.Node:
+        """The value of ``a`` at full size (expanding a compact value with zeros)."""
+        c = self.layout.get(a)
+        if c is None or len(c.keep) == c.full:
+            return self.env[a]
+        if a not in self.expanded:
+            keep = self.attr(c.keep, "keep")
+            self.expanded[a] = self.g.call_function(expand, (self.env[a], c.dim, keep, c.full))
+        return self.expanded[a]
+
+    def arg(self, a: Any, compact_ok: bool) -> Any:
+        if isinstance(a, fx.Node):
+            return self.env[a] if compact_ok and a in self.layout else self.full(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x, compact_ok) for x in a)
+        return a
+
+    def emit(self) -> fx.GraphModule:
+        traced = self.p.traced
+        for n in traced.gm.graph.nodes:
+            choice = self.plan.choices.get(n)
+            if n in self.skip:
+                self.env[n] = self.env[self.skip[n]]
+            elif n.op == "placeholder":
+                self.env[n] = self._placeholder(n)
+            elif n.op == "get_attr":
+                self.env[n] = self._get_attr(n)
+            elif n.op == "output":
+                self.g.output(self.arg(n.args[0], False))
+            elif n.op == "call_module":
+                continue  # export's shape guards: the compiled graph re-checks nothing it needs
+            elif choice is not None and choice.impl == "fused":
+                continue  # computed inside another node's kernel (which absorbs its user)
+            elif choice is not None and choice.impl not in ("dense", "shrink"):
+                self.env[n] = self._kernel(n)
+            elif n.target is LINEAR and choice is not None and choice.impl == "shrink":
+                self.env[n] = self._shrunk_linear(n)
+            else:
+                self.env[n] = self._copy(n)
+        # Same calling convention and output structure as the exported module.
+        with warnings.catch_warnings():  # torch's own pytree deprecation, not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            self.g._codegen = copy.deepcopy(traced.gm.graph._codegen)
+        gm = fx.GraphModule(self.root, self.g)
+        gm.graph.eliminate_dead_code()  # drops replaced weights and masks proven useless
+        return fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
+
+    def _placeholder(self, n: fx.Node) -> fx.Node:
+        ph = self.g.placeholder(n.name)
+        ph.meta = dict(n.meta)
+        given = self.p.given_nodes.get(n)
+        if given is None:
+            return ph
+        mask = self.attr(_reduced(given), f"mask_{n.name}")
+        return self.g.call_function(apply_input_mask, (ph, mask, n.name))
+
+    def _get_attr(self, n: fx.Node) -> fx.Node:
+        value = self.p.traced.example[n]
+        if isinstance(value, torch.nn.Module):  # the body of a higher-order op (autocast region)
+            name = f"{str(n.target).replace('.', '_')}_{self.attr_count}"
+            self.attr_count += 1
+            self.root.add_module(name, value)
+            return self.g.get_attr(name)
+        mask = self.p.result.masks.get(n)
+        if isinstance(mask, torch.Tensor) and value.is_floating_point() and not bool(mask.all()):
+            value = value * mask.to(value.device)
+        return self.attr(value, str(n.target))
+
+    def _kernel(self, n: fx.Node) -> fx.Node:
+        choice = self.plan.choices[n]
+        for absorbed in choice.fused:
+            self.skip[absorbed] = n
+        operands = n.args[:2] if n.target in MATMULS else n.args[:1]
+        acts = tuple(self.full(a) for a in operands)
+        module = choice.module
+        if not hasattr(module, "op_call"):  # a module that is not a registered op (2:4 weights)
+            name = f"kernel_{n.name}"
+            self.root.add_module(name, module)
+            return self.g.call_module(name, acts)
+        call = module.op_call()
+        tables = tuple(
+            None if t is None else self.attr(t, f"{n.name}.{name}") for name, t in call.tables
+        )
+        return self.g.call_function(call.op, acts + tables, dict(call.static))
+
+    def _shrunk_linear(self, n: fx.Node) -> fx.Node:
+        """A smaller linear: kept output features only, compact input features if compact."""
+        ex, masks = self.p.traced.example, self.p.result.masks
+        w = ex[n.args[1]] * masks[n.args[1]].to(ex[n.args[1]].device)
+        out_dim = masks[n].dim() - 1
+        keep_out = linear_keep(masks[n]).to(w.device)
+        src = self.layout.get(n.args[0])
+        x_compact = src is not None and src.dim == ex[n.args[0]].dim() - 1
+        w = w[keep_out][:, src.keep.to(w.device)] if x_compact else w[keep_out]
+        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w")]
+        b_node = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if isinstance(b_node, fx.Node):
+            b = ex[b_node] * masks[b_node].to(w.device)
+            args.append(self.attr(b[keep_out], "b"))
+        node = self.g.call_function(LINEAR, tuple(args))
+        if n not in self.layout:  # consumers need it full-size: expand right here
+            keep = self.attr(keep_out, "keep")
+            node = self.g.call_function(expand, (node, out_dim, keep, masks[n].shape[-1]))
+        return node
+
+    def _copy(self, n: fx.Node) -> fx.Node:
+        compact_ok = n in self.layout
+        args = self.arg(n.args, compact_ok)
+        kwargs = {k: self.arg(v, compact_ok) for k, v in n.kwargs.items()}
+        if compact_ok and n.target in COMPACT_ARGS:
+            args, kwargs = COMPACT_ARGS[n.target](args, kwargs, self.layout[n])
+        if n.target in DROPPABLE:
+            args, kwargs = self._drop_proven(n, args, kwargs, DROPPABLE[n.target])
+        new = self.g.call_function(n.target, tuple(args), kwargs)
+        new.meta = {k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")}
+        return new
+
+    def _drop_proven(self, n: fx.Node, args: tuple, kwargs: dict, name: str):
+        """Drop argument ``name`` when it is proven all-True (bool) / all-zero (additive)."""
+        a = bound_arguments(n.target, n.args, n.kwargs).get(name)
+        dt = self._dtype(a) if isinstance(a, fx.Node) else None
+        if not (all_true(a, self.ranges, dt) or all_zero(a, self.ranges, dt)):
+            return args, kwargs
+        self.notes.append(
+            f"{n.name}: {name} {a.name} proven to have no effect on any input, dropped"
+        )
+        pos = [arg.name for arg in n.target._schema.arguments].index(name)
+        if name in kwargs:
+            kwargs = {k: v for k, v in kwargs.items() if k != name}
+        if pos < len(args):
+            args = (*args[:pos], None, *args[pos + 1 :])
+        return args, kwargs
