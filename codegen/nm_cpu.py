@@ -182,17 +182,21 @@ def _elf_complete(path: Path) -> bool:
     return True
 
 
-def compile_source(source: str, isa: str) -> tuple[Path, str]:
-    """Compile C++ ``source`` for ``isa`` into a cached shared library: (path, cache key)."""
+def compile_source(source: str, isa: str, family: str = "nm_cpu") -> tuple[Path, str]:
+    """Compile C++ ``source`` for ``isa`` into a cached shared library: (path, cache key).
+
+    ``family`` (the backend's name) is part of the key and of error messages.
+    """
     cxx = compiler()
     version = _compiler_version(cxx) if cxx else ""
     if not cxx or not version:
         raise BackendError(
-            "the nm_cpu backend needs a C++ compiler, found none (looked for $SPARTA_CXX, $CXX, "
-            "g++). Install g++ (e.g. `apt-get install g++`) or leave 'nm_cpu' out of backends."
+            f"the {family} backend needs a C++ compiler, found none (looked for $SPARTA_CXX, "
+            f"$CXX, g++). Install g++ (e.g. `apt-get install g++`) or leave {family!r} out of "
+            f"backends."
         )
     flags = (*BASE_FLAGS, *ISA_CONFIGS[isa].flags)
-    key = cache_key("nm_cpu", source, version, sorted(cpu_flags()), flags, isa)
+    key = cache_key(family, source, version, sorted(cpu_flags()), flags, isa)
 
     def build(out: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="sparta-cxx-") as tmp:
@@ -203,18 +207,30 @@ def compile_source(source: str, isa: str) -> tuple[Path, str]:
             )
         if proc.returncode != 0:
             raise BackendError(
-                f"g++ failed to build the nm_cpu kernel {key} (exit {proc.returncode}):\n"
+                f"g++ failed to build the {family} kernel {key} (exit {proc.returncode}):\n"
                 f"{proc.stderr[-4000:]}\nRe-run with SPARTA_DEBUG=2 to see the source."
             )
 
     return cached_file(key, ".so", build, _elf_complete), key
 
 
+def kernel_text(*names: str) -> str:
+    """Kernel template files of ``sparta.kernels`` joined into one translation unit, each line
+    ``// @include NAME`` replaced by that file (so the cache key hashes everything built)."""
+    kernels = resources.files("sparta.kernels")
+    out = []
+    for name in names:
+        for line in kernels.joinpath(name).read_text().splitlines(keepends=True):
+            if line.startswith("// @include "):
+                line = kernels.joinpath(line.split()[-1]).read_text()
+            out.append(line)
+    return "".join(out)
+
+
 @functools.lru_cache(maxsize=1)
 def _template() -> str:
     """nm_linear.cpp with nm_perm.cpp (the permute path) appended: one translation unit."""
-    kernels = resources.files("sparta.kernels")
-    return "".join(kernels.joinpath(f).read_text() for f in ("nm_linear.cpp", "nm_perm.cpp"))
+    return kernel_text("nm_linear.cpp", "nm_perm.cpp")
 
 
 def render(
