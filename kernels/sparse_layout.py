@@ -119,7 +119,9 @@ def unpack_sparse(packed: SparsePacked) -> torch.Tensor:
     counts = (packed.rowptr[1:] - packed.rowptr[:-1]).long()
     seg = torch.repeat_interleave(torch.arange(nb * n), counts)  # b * N + r per kept weight
     b, r = seg // n, seg % n
-    k = b * kb + torch.from_numpy(packed.offs.numpy().astype(np.int64)) // (packed.panel_tokens // 2)
+    k = b * kb + torch.from_numpy(packed.offs.numpy().astype(np.int64)) // (
+        packed.panel_tokens // 2
+    )
     dense = torch.zeros(n, nb * kb, dtype=torch.float32)
     dense[r, k] = packed.vals
     return dense[:, : packed.in_features]

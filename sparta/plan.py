@@ -2,9 +2,9 @@
 
 Families: ``dense`` (masks folded into the weight), ``shrink`` (pruned rows/columns/heads
 sliced away: a smaller dense op), ``triton`` (generated block-sparse GPU kernels),
-``nm_cpu`` (grouped n:m C++ kernels). A family is a candidate only where it applies; the
-fastest measured candidate wins, so a sparse path slower than dense is never picked unless
-the user leaves ``dense`` out.
+``nm_cpu`` (grouped n:m C++ kernels), ``sparse_cpu`` (unstructured C++ kernels). A family is
+a candidate only where it applies; the fastest measured candidate wins, so a sparse path slower
+than dense is never picked unless the user leaves ``dense`` out.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .shrink import LINEAR, analyse, linear_keep
 from .tesa import detect_pattern
 from .timing import compare_ms
 
-FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu")
+FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu", "sparse_cpu")
 SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
 ACTIVATIONS = {
     torch.ops.aten.relu.default: "relu",
@@ -54,7 +54,9 @@ class Plan:
 def check_backends(backends: Iterable[str] | None, device: torch.device) -> tuple[str, ...]:
     if backends is None:
         gpu = device.type == "cuda"
-        return ("dense", "shrink", "triton", "cusparselt") if gpu else ("dense", "shrink", "nm_cpu")
+        if gpu:
+            return ("dense", "shrink", "triton", "cusparselt")
+        return ("dense", "shrink", "nm_cpu", "sparse_cpu")
     backends = tuple(backends)
     for b in backends:
         if b not in FAMILIES:
@@ -194,7 +196,7 @@ def _choose(
             candidates["shrink"] = sub
     pattern = None if bool(wm.all()) else detect_pattern(wm.cpu())
     modules: dict[str, torch.nn.Module] = {}
-    for family in ("triton", "cusparselt", "nm_cpu"):
+    for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
         if builder is None:
             continue
@@ -251,6 +253,17 @@ def _builder(family: str, pattern, device: torch.device):
             return None
         return lambda w, wm, b, act, node, tokens: nm_cpu.build_nm_linear(
             w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
+        )
+    if family == "sparse_cpu":
+        if device.type != "cpu" or pattern.kind in ("dense", "empty"):
+            return None
+        from .codegen import sparse_cpu
+
+        if not sparse_cpu.available():
+            _warn_once("no C++ compiler found: the sparse_cpu backend is off, dense is used")
+            return None
+        return lambda w, wm, b, act, node, tokens: sparse_cpu.build_sparse_linear(
+            w, wm, b, act, node=node, tokens=tokens
         )
     if family == "cusparselt":
         if device.type != "cuda" or pattern.kind != "nm" or (pattern.n, pattern.m) != (2, 4):
