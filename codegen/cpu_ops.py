@@ -1,5 +1,8 @@
 """The generated CPU kernels as ``torch.library`` custom ops (namespace ``sparta``).
 
+The ops are defined with ``torch.library.define`` / ``impl`` / ``register_fake`` rather than the
+``custom_op`` decorator: the decorator's Python autograd and Dynamo-disable layers cost ~20-30
+us per eager call (measured: 31 us against 8 us here), which a 24-layer model pays 24 times.
 Each op takes the activation, the packed weight tables as tensors, and static configuration as
 int/str arguments; ``lib`` is the kernel's cache key, which names its shared library (loaded
 once per process, from the kernel cache when this process did not build it). Each op has a fake
@@ -111,7 +114,19 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-@torch.library.custom_op("sparta::nm_linear", mutates_args=())
+torch.library.define(
+    "sparta::nm_linear",
+    "(Tensor x, Tensor vals, Tensor idx, Tensor? bias, str lib, int in_features, "
+    "int out_features) -> Tensor",
+)
+torch.library.define(
+    "sparta::sparse_linear",
+    "(Tensor x, Tensor vals, Tensor offs, Tensor rowptr, Tensor rowtot, Tensor? bias, str lib, "
+    "int in_features, int out_features) -> Tensor",
+)
+
+
+@torch.library.impl("sparta::nm_linear", "cpu")
 def nm_linear(
     x: torch.Tensor,
     vals: torch.Tensor,
@@ -147,12 +162,12 @@ def nm_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
-@nm_linear.register_fake
+@torch.library.register_fake("sparta::nm_linear")
 def _nm_linear_fake(x, vals, idx, bias, lib, in_features, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.custom_op("sparta::sparse_linear", mutates_args=())
+@torch.library.impl("sparta::sparse_linear", "cpu")
 def sparse_linear(
     x: torch.Tensor,
     vals: torch.Tensor,
@@ -189,6 +204,6 @@ def sparse_linear(
     return y.reshape(*x.shape[:-1], out_features)
 
 
-@sparse_linear.register_fake
+@torch.library.register_fake("sparta::sparse_linear")
 def _sparse_linear_fake(x, vals, offs, rowptr, rowtot, bias, lib, in_features, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
