@@ -8,7 +8,11 @@ CPU kernels' custom ops called eagerly vs inside an Inductor graph.
 2. Ops: a ``sparse_cpu`` layer (768->3072, 90% pruned, fused GELU) and an ``nm_cpu`` layer
    (768->768, 1:4), each called eagerly and inside ``torch.compile(fullgraph=True)`` with a
    residual add after it, so a slowdown of the op inside an Inductor graph would show.
-3. Per-op profile of the pruned (90%) model, eager, one call (``torch.profiler``).
+3. One n:m mask, three kernels: dense (``F.linear`` on the masked weight), ``nm_cpu`` and
+   ``sparse_cpu`` (which treats the n:m mask as plain unstructured), at the encoder's shapes.
+   Where ``sparse_cpu`` is at least as fast as ``nm_cpu`` on an n:m mask, splitting an
+   unstructured mask into an n:m part plus a sparse residual cannot beat ``sparse_cpu`` alone.
+4. Per-op profile of the pruned (90%) model, eager, one call (``torch.profiler``).
 
 Interleaved repetitions with a short pause before each timed call; medians of ``--runs`` runs.
 
@@ -30,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu_deepsparse import LINEARS, Encoder, make_attrs, pruned_copy  # noqa: E402
 
 from sparta.codegen import nm_cpu, sparse_cpu  # noqa: E402
+from sparta.sparsifiers import NM  # noqa: E402
 
 
 class StandIn(torch.nn.Module):
@@ -144,7 +149,36 @@ def main() -> None:
             line = f"| {name} | {tokens} | {fmt(t['eager'])} | {fmt(t['inside'])} | {ratio:.2f}x |"
             print(line, flush=True)
 
-    print("\n## 3. Per-op profile, pruned 90% model, eager, batch 1 (one call)\n")
+    print("\n## 3. One n:m mask: dense vs nm_cpu vs sparse_cpu, ms\n")
+    print("| shape | n:m | tokens | dense | nm_cpu | sparse_cpu | sparse_cpu vs nm_cpu |")
+    print("|---|---|---|---|---|---|---|")
+    for n_out, k_in in ((3072, 768), (768, 3072)):
+        w = torch.randn(n_out, k_in, generator=gen)
+        for n, m in ((2, 4), (1, 4)):
+            keep = NM(n, m).mask(w)
+            wm = w * keep
+            for tokens in (1, 128, 1024):
+                x = torch.randn(tokens, k_in, generator=gen)
+                nm = nm_cpu.build_nm_linear(w, keep, n=n, m=m, tokens=tokens)
+                sp = sparse_cpu.build_sparse_linear(w, keep)
+                t = interleaved(
+                    {
+                        "dense": lambda x=x, wm=wm: torch.nn.functional.linear(x, wm),
+                        "nm": lambda x=x, f=nm: f(x),
+                        "sp": lambda x=x, f=sp: f(x),
+                    },
+                    args.runs,
+                    args.reps,
+                    args.pause,
+                )
+                med = {k: statistics.median(v) for k, v in t.items()}
+                print(
+                    f"| {k_in}->{n_out} | {n}:{m} | {tokens} | {fmt(t['dense'])} | "
+                    f"{fmt(t['nm'])} | {fmt(t['sp'])} | {med['nm'] / med['sp']:.2f}x |",
+                    flush=True,
+                )
+
+    print("\n## 4. Per-op profile, pruned 90% model, eager, batch 1 (one call)\n")
     base = Encoder(args.layers).eval()
     pruned = pruned_copy(base, make_attrs(base, "90%", args.layers))
     ids = torch.randint(0, 1000, (1, 128))
