@@ -15,7 +15,9 @@ break and Inductor calls it as an extern kernel:
 
 ``x`` is float32 (..., K) on the CPU; the result is (..., out_features) float32 with the bias
 and the activation compiled into the kernel already applied. The kernels thread with OpenMP,
-using ``torch.get_num_threads()`` threads at each call.
+using ``torch.get_num_threads()`` threads at each call, or one when a call has less than
+``PARALLEL_MIN_MACS`` multiply-adds (as ``at::parallel_for`` runs small work serially: a
+parallel region whose other thread is descheduled on a busy host costs milliseconds).
 """
 
 from __future__ import annotations
@@ -55,6 +57,14 @@ class Loaded:
             else:
                 self.scratch = cur
         return cur
+
+
+# Below this many multiply-adds (kept weights x tokens) a call runs on the calling thread alone.
+PARALLEL_MIN_MACS = 1 << 20
+
+
+def _threads(kept: int, tokens: int) -> int:
+    return 1 if kept * tokens < PARALLEL_MIN_MACS else torch.get_num_threads()
 
 
 _LIBS: dict[str, Loaded] = {}
@@ -157,7 +167,7 @@ def nm_linear(
                 y.data_ptr(),
                 k.scratch.data_ptr(),
                 k.scratch2.data_ptr(),
-                torch.get_num_threads(),
+                _threads(vals.numel(), tokens),
             )
     return y.reshape(*x.shape[:-1], out_features)
 
@@ -199,7 +209,7 @@ def sparse_linear(
                 _ptr(bias),
                 y.data_ptr(),
                 k.scratch.data_ptr(),
-                torch.get_num_threads(),
+                _threads(vals.numel(), tokens),
             )
     return y.reshape(*x.shape[:-1], out_features)
 

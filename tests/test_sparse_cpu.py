@@ -259,3 +259,25 @@ def test_planner_picks_sparse_cpu_through_compile() -> None:
     x2 = torch.randn(9, 64, generator=gen)
     torch.testing.assert_close(compiled(x2), masked(x2), rtol=1e-4, atol=1e-5)
     assert "sparse_cpu" in sparta.plan.check_backends(None, torch.device("cpu"))
+
+
+def test_small_calls_serial_large_parallel_both_correct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small calls run on one thread (the grain); with the grain at 0 every call is parallel.
+    Both ways, 1..3 threads, nm_cpu and sparse_cpu match the reference."""
+    assert cpu_ops._threads(10, 10) == 1
+    assert cpu_ops._threads(1 << 20, 1) == torch.get_num_threads()
+    weight, mask, bias, gen = make_case(45, 64, 0.3, seed=21)
+    nm_mask = torch.zeros(45, 64, dtype=torch.bool)
+    nm_mask[:, 1::4] = True
+    sp = sparse_cpu.build_sparse_linear(weight, mask, bias, "relu")
+    nm = nm_cpu.build_nm_linear(weight, nm_mask, bias, "relu", n=1, m=4)
+    old = torch.get_num_threads()
+    try:
+        for grain in (cpu_ops.PARALLEL_MIN_MACS, 0):
+            monkeypatch.setattr(cpu_ops, "PARALLEL_MIN_MACS", grain)
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                check(sp, weight, mask, bias, "relu", [1, 17, 70], gen)
+                check(nm, weight, nm_mask, bias, "relu", [1, 17, 70], gen)
+    finally:
+        torch.set_num_threads(old)
