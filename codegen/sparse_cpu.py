@@ -28,8 +28,8 @@ ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 # The slice of a transposed x panel that one k block reads (k_block * panel tokens * 4 bytes):
 # SLICE_BYTES_AT_1 / density, within [SLICE_MIN, SLICE_MAX]. Dense-ish rows want the slice in
 # L1 (24 KB); sparse rows want few, long row segments (each costs a spill of the accumulators),
-# and read the slice from L2 (bench/results/sparse_cpu_*.md: at 10% kept a 96 KB slice ran
-# 1.2-1.6x faster than a 24 KB one, at 25% 24-48 KB were best).
+# and read the slice from L2 (one thread, interleaved, busy host: at 10% kept a 96 KB slice ran
+# 1.2-1.6x faster than a 24 KB one, at 25% 24-48 KB were best; docs/sparse_cpu.md).
 SLICE_BYTES_AT_1 = 12 * 1024
 SLICE_MIN, SLICE_MAX = 24 * 1024, 128 * 1024
 
