@@ -3,27 +3,28 @@
 ``build_nm_linear`` packs the weight once (``sparta.kernels.nm_layout``), renders
 ``kernels/nm_linear.cpp`` specialised to (n, m, shapes, path, tiles, ISA, bias, activation),
 compiles it into a plain shared library (no torch headers: about a second cold) through the one
-kernel cache, and loads it with ctypes. The kernel threads with OpenMP, using
-``torch.get_num_threads()`` threads at each call. Paths, layout and loops: docs/nm_cpu.md.
+kernel cache, and runs it as the ``sparta::nm_linear`` custom op (``sparta.codegen.cpu_ops``).
+The kernel threads with OpenMP, using ``torch.get_num_threads()`` threads at each call. Paths,
+layout and loops: docs/nm_cpu.md.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import shutil
 import struct
 import subprocess
 import tempfile
-import threading
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from sparta.codegen import cpu_ops
 from sparta.codegen.cache import cache_key, cached_file, dump_source
+from sparta.codegen.op_call import OpCall
 from sparta.errors import BackendError
 from sparta.kernels.nm_layout import ACTIVATIONS, NMPacked, pack_nm
 
@@ -182,17 +183,21 @@ def _elf_complete(path: Path) -> bool:
     return True
 
 
-def compile_source(source: str, isa: str) -> tuple[Path, str]:
-    """Compile C++ ``source`` for ``isa`` into a cached shared library: (path, cache key)."""
+def compile_source(source: str, isa: str, family: str = "nm_cpu") -> tuple[Path, str]:
+    """Compile C++ ``source`` for ``isa`` into a cached shared library: (path, cache key).
+
+    ``family`` (the backend's name) is part of the key and of error messages.
+    """
     cxx = compiler()
     version = _compiler_version(cxx) if cxx else ""
     if not cxx or not version:
         raise BackendError(
-            "the nm_cpu backend needs a C++ compiler, found none (looked for $SPARTA_CXX, $CXX, "
-            "g++). Install g++ (e.g. `apt-get install g++`) or leave 'nm_cpu' out of backends."
+            f"the {family} backend needs a C++ compiler, found none (looked for $SPARTA_CXX, "
+            f"$CXX, g++). Install g++ (e.g. `apt-get install g++`) or leave {family!r} out of "
+            f"backends."
         )
     flags = (*BASE_FLAGS, *ISA_CONFIGS[isa].flags)
-    key = cache_key("nm_cpu", source, version, sorted(cpu_flags()), flags, isa)
+    key = cache_key(family, source, version, sorted(cpu_flags()), flags, isa)
 
     def build(out: Path) -> None:
         # The compiler writes into a private directory; only the copy touches the cache, so a
@@ -205,7 +210,7 @@ def compile_source(source: str, isa: str) -> tuple[Path, str]:
             )
             if proc.returncode != 0:
                 raise BackendError(
-                    f"g++ failed to build the nm_cpu kernel {key} (exit {proc.returncode}):\n"
+                    f"g++ failed to build the {family} kernel {key} (exit {proc.returncode}):\n"
                     f"{proc.stderr[-4000:]}\nRe-run with SPARTA_DEBUG=2 to see the source."
                 )
             shutil.copyfile(lib, out)
@@ -213,11 +218,23 @@ def compile_source(source: str, isa: str) -> tuple[Path, str]:
     return cached_file(key, ".so", build, _elf_complete), key
 
 
+def kernel_text(*names: str) -> str:
+    """Kernel template files of ``sparta.kernels`` joined into one translation unit, each line
+    ``// @include NAME`` replaced by that file (so the cache key hashes everything built)."""
+    kernels = resources.files("sparta.kernels")
+    out = []
+    for name in names:
+        for line in kernels.joinpath(name).read_text().splitlines(keepends=True):
+            if line.startswith("// @include "):
+                line = kernels.joinpath(line.split()[-1]).read_text()
+            out.append(line)
+    return "".join(out)
+
+
 @functools.lru_cache(maxsize=1)
 def _template() -> str:
     """nm_linear.cpp with nm_perm.cpp (the permute path) appended: one translation unit."""
-    kernels = resources.files("sparta.kernels")
-    return "".join(kernels.joinpath(f).read_text() for f in ("nm_linear.cpp", "nm_perm.cpp"))
+    return kernel_text("nm_linear.cpp", "nm_perm.cpp")
 
 
 def render(
@@ -295,20 +312,7 @@ class NMLinear(torch.nn.Module):
         idx[: packed.idx.numel()] = packed.idx.flatten()
         self.register_buffer("idx", idx)
         self.register_buffer("bias", bias)
-        lib = ctypes.CDLL(str(lib_path))
-        if lib.nm_abi_version() != 3:
-            raise BackendError(f"the kernel library {lib_path} has an unexpected ABI version")
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        lib.nm_xt_floats.argtypes, lib.nm_xt_floats.restype = [i64], i64
-        lib.nm_ybuf_floats.argtypes, lib.nm_ybuf_floats.restype = [], i64
-        lib.nm_forward.argtypes = [p, i64, p, p, p, p, p, p, i32]
-        lib.nm_forward.restype = i32
-        self._lib = lib
-        self._forward = lib.nm_forward
-        self._ybuf = torch.empty(max(1, lib.nm_ybuf_floats()), dtype=torch.float32)
-        self._xt = torch.empty(0, dtype=torch.float32)
-        self._xt_tokens = 0
-        self._lock = threading.Lock()
+        cpu_ops.load_library(key, lib_path, "nm_cpu")
 
     def extra_repr(self) -> str:
         return (
@@ -318,43 +322,19 @@ class NMLinear(torch.nn.Module):
             f"key={self.key}"
         )
 
+    def op_call(self) -> OpCall:
+        """How the emitted graph calls this kernel (``op_call.py``)."""
+        tables = (("vals", self.vals), ("idx", self.idx), ("bias", self.bias))
+        static = (
+            ("lib", self.key),
+            ("in_features", self.in_features),
+            ("out_features", self.out_features),
+        )
+        return OpCall(cpu_ops.NM_LINEAR, tables, static)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise BackendError(
-                f"the nm_cpu kernel takes float32 CPU inputs, got {x.dtype} on {x.device}; "
-                f"cast with x.float().cpu() or use the dense implementation."
-            )
-        if x.shape[-1] != self.in_features:
-            raise BackendError(
-                f"expected inputs of shape (..., {self.in_features}), got {tuple(x.shape)}."
-            )
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).contiguous()
-        tokens = x2.shape[0]
-        y = torch.empty(tokens, self.out_features, dtype=torch.float32)
-        if tokens == 0:
-            return y.reshape(*lead, self.out_features)
-        with self._lock:
-            # the x scratch size is asked for only when tokens grow (each ctypes call costs
-            # microseconds; a 1:10 layer takes well under a millisecond)
-            if tokens > self._xt_tokens:
-                need = self._lib.nm_xt_floats(tokens)
-                if self._xt.numel() < need:
-                    self._xt = torch.empty(need, dtype=torch.float32)
-                self._xt_tokens = tokens
-            threads = torch.get_num_threads()
-            self._forward(
-                x2.data_ptr(),
-                tokens,
-                self.vals.data_ptr(),
-                self.idx.data_ptr(),
-                self.bias.data_ptr() if self.bias is not None else None,
-                y.data_ptr(),
-                self._xt.data_ptr(),
-                self._ybuf.data_ptr(),
-                threads,
-            )
-        return y.reshape(*lead, self.out_features)
+        """(..., in_features) float32 CPU -> (..., out_features), via ``sparta::nm_linear``."""
+        return self.op_call()(x)
 
 
 def build_nm_linear(

@@ -36,7 +36,6 @@
 
 typedef float vf __attribute__((vector_size(NM_VL * 4)));
 typedef float vfu __attribute__((vector_size(NM_VL * 4), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(NM_VL * 4)));
 
 static constexpr int TT = NM_TV * NM_VL;  // tokens per panel
 static constexpr long KP = (long)NM_C * NM_M;  // padded reduction length
@@ -45,56 +44,10 @@ static constexpr int NT = (NM_OUT + NM_R - 1) / NM_R;  // row tiles
 static inline vf splat(float s) { return s - vf{}; }
 static inline vf vload(const float* p) { return *(const vfu*)p; }
 static inline void vstore(float* p, vf v) { *(vfu*)p = v; }
-static inline vf vsel(vi c, vf a, vf b) { return (vf)((c & (vi)a) | (~c & (vi)b)); }
 
-// exp for the activations: Cody-Waite range reduction, degree-6 polynomial, relative error ~1e-7.
-static inline vf vexp(vf x) {
-  x = vsel(x < splat(-87.3f), splat(-87.3f), x);
-  x = vsel(x > splat(88.3f), splat(88.3f), x);
-  vf fx = x * 1.44269504088896341f;
-  fx = fx + vsel(fx >= splat(0.0f), splat(0.5f), splat(-0.5f));
-  vi n = __builtin_convertvector(fx, vi);  // round half away from zero
-  vf fn = __builtin_convertvector(n, vf);
-  vf r = x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  vi e = (n + 127) << 23;
-  return p * (vf)e;
-}
+// @include cpu_act.inc
 
-// erf after Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7).
-static inline vf verf(vf x) {
-  vi neg = x < splat(0.0f);
-  vf a = vsel(neg, -x, x);
-  vf t = 1.0f / (a * 0.3275911f + 1.0f);
-  vf p = splat(1.061405429f);
-  p = p * t - 1.453152027f;
-  p = p * t + 1.421413741f;
-  p = p * t - 0.284496736f;
-  p = p * t + 0.254829592f;
-  vf y = 1.0f - p * t * vexp(-a * a);
-  return vsel(neg, -y, y);
-}
-
-static inline vf activate(vf z) {
-#if NM_ACT == 1
-  return vsel(z > splat(0.0f), z, splat(0.0f));
-#elif NM_ACT == 2
-  return 0.5f * z * (1.0f + verf(z * 0.70710678118654752f));
-#elif NM_ACT == 3
-  vf u = 0.7978845608028654f * (z + 0.044715f * z * z * z);
-  vf th = 1.0f - 2.0f / (vexp(2.0f * u) + 1.0f);
-  return 0.5f * z * (1.0f + th);
-#else
-  return z;
-#endif
-}
+static inline vf activate(vf z) { return act_apply<NM_ACT>(z); }
 
 #if NM_AVX512
 // 8 rows x 16 tokens -> y[t * NM_OUT + r] for tokens t < tn and rows r with bit r of mask set

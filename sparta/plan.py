@@ -2,9 +2,9 @@
 
 Families: ``dense`` (masks folded into the weight), ``shrink`` (pruned rows/columns/heads
 sliced away: a smaller dense op), ``triton`` (generated block-sparse GPU kernels),
-``nm_cpu`` (grouped n:m C++ kernels). A family is a candidate only where it applies; the
-fastest measured candidate wins, so a sparse path slower than dense is never picked unless
-the user leaves ``dense`` out.
+``nm_cpu`` (grouped n:m C++ kernels), ``sparse_cpu`` (unstructured C++ kernels). A family is
+a candidate only where it applies; the fastest measured candidate wins, so a sparse path slower
+than dense is never picked unless the user leaves ``dense`` out.
 
 Candidates are timed the way the runtime will run them (``device_time``: CUDA-graph replays
 for Inductor / CUDA-graph runtimes, per call on the host for eager), and every choice records
@@ -31,7 +31,7 @@ from .shrink import LINEAR, analyse, linear_keep
 from .tesa import block_any, detect_pattern
 from .timing import compare_ms
 
-FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu")
+FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu", "sparse_cpu")
 SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
 ACTIVATIONS = {
     torch.ops.aten.relu.default: "relu",
@@ -42,6 +42,7 @@ ACTIVATIONS = {
 FUSES = {
     "triton": TRITON_ACTIVATIONS,
     "nm_cpu": reference.ACTIVATIONS,
+    "sparse_cpu": reference.ACTIVATIONS,
     "cusparselt": reference.ACTIVATIONS,
 }
 
@@ -77,7 +78,9 @@ class Plan:
 def check_backends(backends: Iterable[str] | None, device: torch.device) -> tuple[str, ...]:
     if backends is None:
         gpu = device.type == "cuda"
-        return ("dense", "shrink", "triton", "cusparselt") if gpu else ("dense", "shrink", "nm_cpu")
+        if gpu:
+            return ("dense", "shrink", "triton", "cusparselt")
+        return ("dense", "shrink", "nm_cpu", "sparse_cpu")
     backends = tuple(backends)
     for b in backends:
         if b not in FAMILIES:
@@ -291,7 +294,7 @@ def _choose(
     pattern = None if bool(wm.all()) else p.pattern_of(n.args[1])
     modules: dict[str, torch.nn.Module] = {}
     fused: dict[str, bool] = {}
-    for family in ("triton", "cusparselt", "nm_cpu"):
+    for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
         builder = _builder(family, pattern, device) if family in backends and pattern else None
         if builder is None or (family == "triton" and not skips_tiles(wm)):
             continue
@@ -355,12 +358,19 @@ def _builder(family: str, pattern, device: torch.device):
         if not nm_cpu.available():
             _warn_once("no C++ compiler found: the nm_cpu backend is off, dense is used instead")
             return None
-        from .codegen.nm_cpu_op import NMLinearOp
+        return lambda w, wm, b, act, node, tokens: nm_cpu.build_nm_linear(
+            w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
+        )
+    if family == "sparse_cpu":
+        if device.type != "cpu" or pattern.kind in ("dense", "empty"):
+            return None
+        from .codegen import sparse_cpu
 
-        return lambda w, wm, b, act, node, tokens: NMLinearOp(
-            nm_cpu.build_nm_linear(
-                w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
-            )
+        if not sparse_cpu.available():
+            _warn_once("no C++ compiler found: the sparse_cpu backend is off, dense is used")
+            return None
+        return lambda w, wm, b, act, node, tokens: sparse_cpu.build_sparse_linear(
+            w, wm, b, act, node=node, tokens=tokens
         )
     if family == "cusparselt":
         if device.type != "cuda" or pattern.kind != "nm" or (pattern.n, pattern.m) != (2, 4):

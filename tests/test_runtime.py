@@ -57,7 +57,7 @@ def compiled_kernels():
 
 
 def test_kernels_are_registered_ops_and_dynamo_sees_one_graph(compiled_kernels) -> None:
-    from sparta.codegen.nm_cpu_op import NM_LINEAR
+    from sparta.codegen.cpu_ops import NM_LINEAR
     from sparta.codegen.triton_ops import BLOCK_SPARSE_LINEAR
 
     model, attrs, x, compiled = compiled_kernels
