@@ -1,31 +1,16 @@
-"""End-to-end: compiled == masked dense model, on the five models and the demo model."""
+"""compile() on the demo model and single layers: shrinking, backends, the planner's choices.
+
+The reference models with each backend forced are in test_e2e.py."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from models import MODELS
+from models import MODELS, unit_masks
 
 import sparta
 from sparta import masked_model as masked_reference
 from sparta.demo import TinyBert, demo_masks
-
-
-def structured_masks(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Prune whole output units of every other matrix and random elements of the rest."""
-    gen = torch.Generator().manual_seed(seed)
-    attrs = {}
-    for i, (name, p) in enumerate(model.named_parameters()):
-        if p.dim() < 2 or "embed" in name or "wte" in name or "wpe" in name:
-            continue
-        if i % 2 == 0:
-            rows = torch.rand(p.shape[0], generator=gen) < 0.6
-            attrs[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).clone()
-        else:
-            attrs[name] = torch.rand(p.shape, generator=gen) < 0.7
-    return attrs
 
 
 def leaves(out) -> list[torch.Tensor]:
@@ -38,20 +23,6 @@ def assert_close_outputs(a, b, tol: float = 1e-4) -> None:
     for x, y in zip(la, lb):
         scale = y.abs().max().item() or 1.0
         assert (x - y).abs().max().item() / scale < tol
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_compile_matches_masked_dense(name: str) -> None:
-    model, inputs = MODELS[name]()
-    attrs = structured_masks(model)
-    before = copy.deepcopy(model.state_dict())
-    compiled = sparta.compile(model, attrs, inputs, measure=False)
-    for k, v in model.state_dict().items():  # the user's model is bit-identical
-        assert torch.equal(v, before[k]), k
-    ref = masked_reference(model, attrs)
-    with torch.no_grad():
-        assert_close_outputs(compiled(*inputs), ref(*inputs))
-    sparta.check_soundness(model, attrs, inputs)
 
 
 def test_demo_model_shrinks_heads_and_units_and_other_shapes_work() -> None:
@@ -82,7 +53,7 @@ def test_backends_validation() -> None:
 @pytest.mark.filterwarnings("ignore:sparta. the compiled model measured slower")
 def test_report_has_latency_when_measured() -> None:
     model, inputs = MODELS["mlp"]()
-    compiled = sparta.compile(model, structured_masks(model), inputs)
+    compiled = sparta.compile(model, unit_masks(model), inputs)
     d = compiled.report.to_dict()
     assert d["latency_dense_ms"] > 0 and d["latency_compiled_ms"] > 0
     linear = [n for n in d["nodes"] if n["target"] == "aten.linear.default"]
@@ -158,18 +129,6 @@ def test_pruned_heads_shrink_with_a_shared_attention_mask() -> None:
     assert any(b.shape == (16, 32) for b in compiled.graph_module.buffers())  # 2 of 4 heads kept
     with torch.no_grad():
         assert_close_outputs(compiled(x), masked_reference(model, {"o.weight": cols})(x))
-
-
-def test_a_compiled_model_measured_slower_than_dense_is_reported(monkeypatch) -> None:
-    import sys
-
-    sc = sys.modules["sparta.compile"]  # the module (sparta.compile is also the function)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 16))
-    mask = torch.rand(16, 16) > 0.5
-    monkeypatch.setattr(sc, "compare_ms", lambda fns, dev, **kw: {"dense": 1.0, "compiled": 2.0})
-    with pytest.warns(UserWarning, match=r"slower than the dense one .*2\.000 ms vs 1\.000 ms"):
-        compiled = sparta.compile(model, {"0.weight": mask}, (torch.randn(4, 16),))
-    assert compiled.report.latency_compiled_ms == 2.0
 
 
 @pytest.mark.parametrize(("shrink_ms", "picked"), [(1.04, "shrink"), (1.2, "dense")])

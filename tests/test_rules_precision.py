@@ -433,3 +433,43 @@ def test_checker_catches_optimistic_rules() -> None:
     finally:
         unregister_rule(op)
         register_rule(packet, name=original.name)(original.fn)
+
+
+# ------------------------------------------------------------------ einsum, rms_norm
+
+
+def test_einsum_is_exact() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 4, 8, generator=gen) > 0.6
+    b = torch.rand(8, 5, generator=gen) > 0.6
+    args = ("bij,jk->bik", [r(2, 4, 8), r(8, 5)])
+    brute = (a[:, :, :, None] & b[None, None]).any(dim=-2)
+    ref = check_rule(aten.einsum.default, args, input_masks={"tensors": (a, b)})
+    assert eq(ref.outputs[0], brute) and not bool(brute.all())
+    used = torch.rand(2, 4, 5, generator=gen) > 0.5
+    ref = check_rule(aten.einsum.default, args, input_masks={"tensors": (a, b)}, used=used)
+    out = used & brute
+    a_used = a & (out[:, :, None, :] & b[None, None]).any(dim=-1)
+    b_used = b & (out[:, :, None, :] & a[..., None]).any(dim=(0, 1))
+    got_a, got_b = ref.inputs["tensors"]
+    assert eq(got_a & a, a_used) and eq(got_b & b, b_used)
+    assert not bool(a_used.all()) and not bool(b_used.all())
+
+
+def test_rms_norm_keeps_zeros_and_couples_the_group_backward() -> None:
+    x = ones(2, 3, 8)
+    x[0, 0, 3] = False  # no mean is subtracted: a zero input stays zero
+    x[1, 2, :] = False
+    w = ones(8)
+    w[5] = False
+    args = (r(2, 3, 8), [8], r(8))
+    ref = check_rule(aten.rms_norm.default, args, input_masks={"input": x, "weight": w})
+    assert eq(ref.outputs[0], x & w)
+    used = zeros(2, 3, 8)
+    used[0, 1, 2] = True  # one kept output: its whole token feeds the statistic
+    used[1, 0, 5] = True  # a kept output through a pruned scale: the token is not used by it
+    ref = check_rule(aten.rms_norm.default, args, input_masks={"weight": w}, used=used)
+    expect_x = zeros(2, 3, 8)
+    expect_x[0, 1, :] = True
+    assert eq(ref.inputs["input"], expect_x)
+    assert eq(ref.inputs["weight"] & w, zeros(8).index_fill(0, torch.tensor([2]), True))
