@@ -8,6 +8,8 @@ import re
 import torch
 from transformers import BertConfig, BertModel
 
+import sparta
+
 
 def test_five_line_example_runs() -> None:
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
@@ -20,8 +22,27 @@ def test_five_line_example_runs() -> None:
         intermediate_size=128,
         vocab_size=100,
     )
+    torch.manual_seed(0)
     env = {"model": BertModel(cfg).eval(), "input_ids": torch.randint(0, 100, (2, 16))}
     exec(compile(code, "README.md", "exec"), env)
-    report = env["compiled"].report
+    compiled, attrs, model = env["compiled"], env["attrs"], env["model"]
+    report = compiled.report
     given, after = report.weight_density()
     assert after < given < 1.0
+    # the promise: the compiled model is the masked model, at other sizes too
+    ref = sparta.masked_model(model, attrs)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for shape in ((2, 16), (3, 11)):
+            ids = torch.randint(0, 100, shape, generator=gen)
+            got, want = compiled(ids), ref(ids)
+            for g, w in zip(got.values(), want.values()):
+                assert (g - w).abs().max() <= 1e-4 * w.abs().max()
+            assert (model(ids).pooler_output - want.pooler_output).abs().max() > 1e-3
+    # Channels(0.5, dim=1) on output.dense: propagation prunes half the rows and the bias of
+    # intermediate.dense, so both layers of every FFN shrink
+    for i in range(2):
+        bias = report.mask(f"encoder.layer.{i}.intermediate.dense.bias")
+        assert float(bias.float().mean()) == 0.5
+    shrunk = [n for n in report.nodes if n.impl == "shrink"]
+    assert len(shrunk) >= 4
