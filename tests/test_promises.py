@@ -198,7 +198,8 @@ def test_nm_cpu_slower_than_dense_is_not_picked() -> None:
     assert choice.impl == "dense" and choice.module is None
     assert not any(isinstance(m, nm_cpu.NMLinear) for m in compiled.modules())
     node = next(n for n in compiled.report.nodes if n.target == "aten.linear.default")
-    assert node.impl == "dense" and node.latency_ms == node.dense_latency_ms
+    assert node.impl == "dense" and node.latency_ms == choice.candidates["dense"]
+    assert node.dense_latency_ms == choice.candidates["dense"]
     assert_matches(compiled, sparta.masked_model(lin, attrs), torch.randn(3, 8))
 
 
@@ -308,3 +309,77 @@ def test_readme_usage_block_runs_as_written(tmp_path: Path, monkeypatch) -> None
     unused = ~env["mask2"][0]
     assert not bool(env["compiled"].report.mask("layers.0.fc1.bias")[unused].any())
     assert (tmp_path / "density.png").exists()
+
+
+# ------------------------------------------------------------------ backends per device
+
+
+def test_default_backends_on_the_cpu_are_dense_shrink_and_nm_cpu() -> None:
+    """backends=None means the families that apply to the device: Triton is not tried on the
+    CPU even where its interpreter is available."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).eval()
+    blocks = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask = blocks.repeat_interleave(16, 0).repeat_interleave(16, 1)
+    compiled = sparta.compile(lin, {"weight": mask}, (torch.randn(5, 64),), measure=False)
+    assert compiled.plan.backends == ("dense", "shrink", "nm_cpu")
+    assert set(_only_choice(compiled).candidates) == {"dense"}
+    assert_matches(compiled, sparta.masked_model(lin, {"weight": mask}), torch.randn(3, 64))
+
+
+def test_cusparselt_applies_on_cuda_only() -> None:
+    """Forced on the CPU, the 2:4 family does not apply: the node stays dense and correct."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).eval()
+    attrs = sparta.sparsify(lin, {"weight": NM(2, 4)})
+    compiled = sparta.compile(
+        lin, attrs, (torch.randn(4, 64),), backends=["cusparselt"], measure=False
+    )
+    assert _only_choice(compiled).impl == "dense"
+    assert_matches(compiled, sparta.masked_model(lin, attrs), torch.randn(3, 64))
+
+
+@pytest.mark.gpu
+def test_cusparselt_forced_on_cuda() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128).half().cuda().eval()
+    attrs = sparta.sparsify(lin, {"weight": NM(2, 4)})
+    x = torch.randn(64, 256, device="cuda", dtype=torch.float16)
+    compiled = sparta.compile(lin, attrs, (x,), backends=["cusparselt"], measure=False)
+    assert _only_choice(compiled).impl == "cusparselt"
+    ref = sparta.masked_model(lin, attrs)
+    assert_matches(
+        compiled, ref, torch.randn(32, 256, device="cuda", dtype=torch.float16), tol=1e-2
+    )
+
+
+# ------------------------------------------------------------------ docs/custom_ops.md
+
+
+class Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.sparta_test.scaled_relu(x * self.w, 3.0)
+
+
+def test_a_rule_registered_by_op_name_shows_its_name_in_the_report() -> None:
+    """register_rule accepts the op's name as a string; ``name=`` is the report's rule column;
+    unregister_rule removes it."""
+    from test_custom_op import OP, scaled_relu_rule
+
+    sparta.register_rule("sparta_test::scaled_relu", name="relu times a scale")(scaled_relu_rule)
+    try:
+        model = Twice()
+        w = torch.ones(4, 8, dtype=torch.bool)
+        w[:, 2] = False
+        compiled = sparta.compile(model, {"w": w}, (torch.randn(4, 8),), measure=False)
+        node = next(n for n in compiled.report.nodes if "scaled_relu" in n.target)
+        assert node.rule == "relu times a scale"
+        assert not bool(compiled.report.mask("output")[:, 2].any())  # forward through the op
+        assert_matches(compiled, sparta.masked_model(model, {"w": w}), torch.randn(4, 8))
+    finally:
+        sparta.unregister_rule("sparta_test::scaled_relu")
+    assert sparta.registry.lookup(OP) is None
