@@ -40,9 +40,11 @@ def test_five_line_example_runs() -> None:
                 assert (g - w).abs().max() <= 1e-4 * w.abs().max()
             assert (model(ids).pooler_output - want.pooler_output).abs().max() > 1e-3
     # Channels(0.5, dim=1) on output.dense: propagation prunes half the rows and the bias of
-    # intermediate.dense, so both layers of every FFN shrink
+    # intermediate.dense, so both layers of every FFN can shrink (whether shrinking is picked is
+    # a timing decision; forced here, so the check does not depend on the machine's load)
     for i in range(2):
         bias = report.mask(f"encoder.layer.{i}.intermediate.dense.bias")
         assert float(bias.float().mean()) == 0.5
-    shrunk = [n for n in report.nodes if n.impl == "shrink"]
-    assert len(shrunk) >= 4
+    shrunk = sparta.compile(model, attrs, (env["input_ids"],), backends=["shrink"], measure=False)
+    shapes = [tuple(b.shape) for b in shrunk.graph_module.buffers()]
+    assert (128, 64) not in shapes and (64, 128) not in shapes  # FFN: 64 of 128 units left
