@@ -134,3 +134,25 @@ def test_default_backends_mix_shrink_and_folded_masks() -> None:
     compiled = sparta.compile(model, attrs, inputs, measure=False)
     assert set(linear_impls(compiled)) <= {"dense", "shrink", "nm_cpu"}
     check_outputs("bert_mask", model, attrs, compiled, inputs)
+
+
+def test_shrink_forced_without_biases() -> None:
+    """Bias-free layers: pruned rows alone make their units zero."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64, bias=False), torch.nn.GELU(), torch.nn.Linear(64, 24, bias=False)
+    ).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [torch.rand(n, generator=gen) < 0.4 for n in (64, 24)]
+    attrs = {
+        "0.weight": rows[0][:, None].expand(64, 32).clone(),
+        "2.weight": rows[1][:, None].expand(24, 64).clone(),
+    }
+    x = torch.randn(6, 32)
+    compiled = sparta.compile(model, attrs, (x,), backends=["shrink"], measure=False)
+    assert linear_impls(compiled) == ["shrink", "shrink"]
+    ref = sparta.masked_model(model, attrs)
+    with torch.no_grad():
+        for rows_in in (6, 2):
+            fresh = torch.randn(rows_in, 32)
+            assert max_rel_error(compiled(fresh), ref(fresh)) < TOL

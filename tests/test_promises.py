@@ -383,3 +383,14 @@ def test_a_rule_registered_by_op_name_shows_its_name_in_the_report() -> None:
     finally:
         sparta.unregister_rule("sparta_test::scaled_relu")
     assert sparta.registry.lookup(OP) is None
+
+
+def test_compile_signature_keyword_only_options() -> None:
+    """sparta.compile(model, attrs, example_inputs, *, device=None, backends=None, ...)."""
+    model, (x,) = MODELS["mlp"]()
+    compiled = sparta.compile(
+        model=model, attrs={}, example_inputs=(x,), backends=["dense"], measure=False
+    )
+    assert_matches(compiled, model, torch.randn(3, 32))
+    with pytest.raises(TypeError):
+        sparta.compile(model, {}, (x,), "cpu")  # options are keyword-only

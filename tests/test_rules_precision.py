@@ -473,3 +473,17 @@ def test_rms_norm_keeps_zeros_and_couples_the_group_backward() -> None:
     expect_x[0, 1, :] = True
     assert eq(ref.inputs["input"], expect_x)
     assert eq(ref.inputs["weight"] & w, zeros(8).index_fill(0, torch.tensor([2]), True))
+
+
+def test_index_select_index_used_where_a_selected_line_is_kept() -> None:
+    idx = torch.tensor([4, 0, 4, 2])
+    for dim in (0, 1):
+        shape = (6, 7) if dim == 0 else (7, 6)
+        used = zeros(*((4, 7) if dim == 0 else (7, 4)))
+        used.select(dim, 1).fill_(True)  # only the line selected by index entry 1 is used
+        ref = check_rule(aten.index_select.default, (r(*shape), dim, idx), used=used,
+                         const_args=("index",))  # fmt: skip
+        assert eq(ref.inputs["index"], torch.tensor([False, True, False, False])), dim
+        self_used = zeros(*shape)
+        self_used.select(dim, 0).fill_(True)  # index entry 1 reads line 0
+        assert eq(ref.inputs["self"], self_used), dim
