@@ -194,13 +194,13 @@ def test_a_shrunk_consumer_of_a_producer_that_stayed_dense(monkeypatch) -> None:
     ).eval()
     units = torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.4
     attrs = {"0.weight": units[:, None].expand(64, 32).clone(), "0.bias": units.clone()}
-    x = torch.randn(5, 32)
+    x = torch.randn(2, 5, 32)
     compiled = sparta.compile(model, attrs, (x,), measure=False)
     assert [c.impl for c in compiled.plan.choices.values()] == ["dense", "shrink"]
     ref = masked_reference(model, attrs)
     with torch.no_grad():
-        for rows in (5, 3):
-            fresh = torch.randn(rows, 32)
+        for shape in ((2, 5, 32), (3, 7, 32)):
+            fresh = torch.randn(shape)
             assert_close_outputs(compiled(fresh), ref(fresh))
 
 

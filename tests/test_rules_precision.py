@@ -487,3 +487,28 @@ def test_index_select_index_used_where_a_selected_line_is_kept() -> None:
         self_used = zeros(*shape)
         self_used.select(dim, 0).fill_(True)  # index entry 1 reads line 0
         assert eq(ref.inputs["self"], self_used), dim
+
+
+def test_group_norm_groups_scale_and_shift() -> None:
+    args = (r(2, 4, 3, 3), 2, r(4), r(4))  # 2 groups: channels (0, 1) and (2, 3)
+    x = ones(2, 4, 3, 3)
+    x[1, 2:4] = False  # sample 1: its whole second group is pruned
+    w, b = ones(4), ones(4)
+    w[1], b[1] = False, False  # scale and shift pruned: channel 1 is zero
+    b[2] = False  # scale kept: channel 2 is zero only where its group is
+    w[3], b[3] = False, False
+    ref = check_rule(aten.group_norm.default, args,
+                     input_masks={"input": x, "weight": w, "bias": b})  # fmt: skip
+    expect = ones(2, 4, 3, 3)
+    expect[:, 1] = False
+    expect[1, 2] = False
+    expect[:, 3] = False
+    assert eq(ref.outputs[0], expect)
+    used = zeros(2, 4, 3, 3)
+    used[0, 0, 1, 1] = True  # one kept output: its sample's group 0 feeds the statistics
+    ref = check_rule(aten.group_norm.default, args, used=used)
+    expect_x = zeros(2, 4, 3, 3)
+    expect_x[0, :2] = True
+    assert eq(ref.inputs["input"], expect_x)
+    channel0 = zeros(4).index_fill(0, torch.tensor([0]), True)
+    assert eq(ref.inputs["weight"], channel0) and eq(ref.inputs["bias"], channel0)
