@@ -17,10 +17,10 @@ in a file, so they hold for the source the session was made from.
 from __future__ import annotations
 
 import argparse
-import tomllib
 from collections import Counter, defaultdict
 from pathlib import Path
 
+import toml  # a cosmic-ray dependency (tomllib is Python 3.11+)
 from cosmic_ray.work_db import WorkDB, use_db
 from cosmic_ray.work_item import TestOutcome, WorkerOutcome
 
@@ -39,7 +39,7 @@ def main() -> None:
     args = ap.parse_args()
     equivalent: dict = {}
     if args.equivalent and Path(args.equivalent).exists():
-        equivalent = tomllib.loads(Path(args.equivalent).read_text())
+        equivalent = toml.loads(Path(args.equivalent).read_text())
     counts: dict[str, Counter] = defaultdict(Counter)
     survivors: list[tuple[str, str, int, str, str]] = []
     equivalents: list[tuple[str, str, str]] = []
@@ -53,14 +53,13 @@ def main() -> None:
                     continue
                 key = f"{module}:{m.operator_name}:{m.occurrence}"
                 if result.test_outcome == TestOutcome.SURVIVED:
+                    change = _changed_lines(result.diff)
                     if key in equivalent:
                         counts[module]["equivalent"] += 1
-                        equivalents.append((key, _changed_lines(result.diff), equivalent[key]["reason"]))
+                        equivalents.append((key, change, equivalent[key]["reason"]))
                     else:
                         counts[module]["survived"] += 1
-                        survivors.append(
-                            (module, m.operator_name, m.start_pos[0], key, _changed_lines(result.diff))
-                        )
+                        survivors.append((module, m.operator_name, m.start_pos[0], key, change))
                 elif result.worker_outcome == WorkerOutcome.NORMAL:
                     counts[module]["killed"] += 1
                 else:  # the mutant broke the run itself (timeout, exception): not a pass
