@@ -51,6 +51,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def random_affine(model: nn.Module) -> nn.Module:
+    """transformers initialises every bias to zero and every LayerNorm to the identity: a bug
+    that drops a bias or a norm's shift would go unseen. Give them random values (seeded)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:  # biases, and the scales of norms (around 1)
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+    return model
+
+
 def mlp() -> Built:
     _seed()
     return MLP().eval(), (torch.randn(4, 32),)
@@ -69,7 +81,7 @@ def bert(attention_mask: bool = False) -> Built:
 
     _seed()
     cfg = BertConfig(vocab_size=100, max_position_embeddings=32, **_TF)
-    model = BertModel(cfg).eval()
+    model = random_affine(BertModel(cfg).eval())
     ids = torch.randint(0, 100, (2, 8))
     if attention_mask:
         am = torch.ones(2, 8, dtype=torch.long)
@@ -85,7 +97,7 @@ def gpt2(attention_mask: bool = False) -> Built:
     cfg = GPT2Config(
         vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4, n_inner=128, use_cache=False
     )
-    model = GPT2Model(cfg).eval()
+    model = random_affine(GPT2Model(cfg).eval())
     ids = torch.randint(0, 100, (2, 8))
     if attention_mask:
         am = torch.ones(2, 8, dtype=torch.long)
@@ -99,7 +111,7 @@ def vit() -> Built:
 
     _seed()
     cfg = ViTConfig(image_size=16, patch_size=4, num_channels=3, **_TF)
-    model = ViTModel(cfg, add_pooling_layer=True).eval()
+    model = random_affine(ViTModel(cfg, add_pooling_layer=True).eval())
     return model, (torch.randn(2, 3, 16, 16),)
 
 

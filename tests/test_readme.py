@@ -6,6 +6,7 @@ import pathlib
 import re
 
 import torch
+from models import random_affine
 from transformers import BertConfig, BertModel
 
 import sparta
@@ -23,7 +24,8 @@ def test_five_line_example_runs() -> None:
         vocab_size=100,
     )
     torch.manual_seed(0)
-    env = {"model": BertModel(cfg).eval(), "input_ids": torch.randint(0, 100, (2, 16))}
+    model = random_affine(BertModel(cfg).eval())  # nonzero biases: a dropped bias shows
+    env = {"model": model, "input_ids": torch.randint(0, 100, (2, 16))}
     exec(compile(code, "README.md", "exec"), env)
     compiled, attrs, model = env["compiled"], env["attrs"], env["model"]
     report = compiled.report
