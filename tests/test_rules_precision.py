@@ -512,3 +512,26 @@ def test_group_norm_groups_scale_and_shift() -> None:
     assert eq(ref.inputs["input"], expect_x)
     channel0 = zeros(4).index_fill(0, torch.tensor([0]), True)
     assert eq(ref.inputs["weight"], channel0) and eq(ref.inputs["bias"], channel0)
+
+
+def test_pow_by_a_positive_constant_keeps_zeros() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 5, generator=gen) > 0.4
+    used = torch.rand(3, 5, generator=gen) > 0.4
+    ref = check_rule(aten.pow.Tensor_Scalar, (r(3, 5), 2), input_masks={"self": x}, used=used)
+    assert eq(ref.outputs[0], x) and eq(ref.inputs["self"], used)
+    ref = check_rule(aten.pow.Tensor_Scalar, (r(3, 5), 0), input_masks={"self": x})
+    assert bool(ref.outputs[0].all()) and not bool(ref.inputs["self"].any())  # x ** 0 == 1
+
+
+def test_movedim_moves_the_mask() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 4, generator=gen) > 0.5
+    for src, dst in ((1, 0), (-1, 0), (0, 2), ([0, 2], [2, 1])):
+        want = x.movedim(src, dst)
+        ref = check_rule(aten.movedim.intlist if isinstance(src, list) else aten.movedim.int,
+                         (r(2, 3, 4), src, dst), input_masks={"self": x})  # fmt: skip
+        assert eq(ref.outputs[0], want), (src, dst)
+        ref = check_rule(aten.movedim.intlist if isinstance(src, list) else aten.movedim.int,
+                         (r(2, 3, 4), src, dst), used=want)  # fmt: skip
+        assert eq(ref.inputs["self"], x), (src, dst)
