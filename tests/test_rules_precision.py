@@ -535,3 +535,38 @@ def test_movedim_moves_the_mask() -> None:
         ref = check_rule(aten.movedim.intlist if isinstance(src, list) else aten.movedim.int,
                          (r(2, 3, 4), src, dst), used=want)  # fmt: skip
         assert eq(ref.inputs["self"], x), (src, dst)
+
+
+def test_native_group_norm_statistics_of_a_pruned_group() -> None:
+    x = ones(2, 4, 3, 3)
+    x[1, 2:4] = False  # sample 1, group 1: all pruned, so is its mean
+    args = (r(2, 4, 3, 3), r(4), r(4), 2, 4, 9, 2, 1e-5)
+    ref = check_rule(aten.native_group_norm.default, args, input_masks={"input": x})
+    assert eq(ref.outputs[1], torch.tensor([[True, True], [True, False]]))
+
+
+def test_sdpa_without_a_head_dim() -> None:
+    q, k, v = r(2, 5, 8), r(2, 7, 8), r(2, 7, 6)  # (batch, tokens, features): S != features
+    sdpa = aten.scaled_dot_product_attention.default
+    vm = ones(2, 7, 6)
+    vm[..., 2] = False
+    ref = check_rule(sdpa, (q, k, v), input_masks={"value": vm})
+    assert eq(ref.outputs[0], ones(2, 5, 6).index_fill(2, torch.tensor([2]), False))
+    used = zeros(2, 5, 6)
+    used[0, 1, 0] = True  # one output element of query 1 in batch 0
+    ref = check_rule(sdpa, (q, k, v), used=used)
+    v_used, q_used, k_used = zeros(2, 7, 6), zeros(2, 5, 8), zeros(2, 7, 8)
+    v_used[0, :, 0] = True
+    q_used[0, 1] = True
+    k_used[0] = True
+    assert eq(ref.inputs["value"], v_used) and eq(ref.inputs["query"], q_used)
+    assert eq(ref.inputs["key"], k_used)
+
+
+def test_all_and_any_over_several_dims() -> None:
+    x = ones(3, 4)
+    x[0, 1] = False  # one zero makes all() False: the output is zero
+    x[2] = False
+    for op, want in ((aten.all.dims, [False, True, False]), (aten.any.dims, [True, True, False])):
+        ref = check_rule(op, (r(3, 4).abs() + 0.1, [1]), input_masks={"self": x})
+        assert eq(ref.outputs[0], torch.tensor(want)), op
