@@ -570,3 +570,17 @@ def test_all_and_any_over_several_dims() -> None:
     for op, want in ((aten.all.dims, [False, True, False]), (aten.any.dims, [True, True, False])):
         ref = check_rule(op, (r(3, 4).abs() + 0.1, [1]), input_masks={"self": x})
         assert eq(ref.outputs[0], torch.tensor(want)), op
+
+
+def test_cat_skips_legacy_empty_inputs() -> None:
+    """ATen's cat ignores 1-D empty tensors beside higher-rank ones (legacy behaviour)."""
+    a, b = ones(2, 3), ones(1, 3)
+    a[0, 1] = False
+    args = ([r(2, 3), torch.empty(0), r(1, 3)], 0)
+    ref = check_rule(aten.cat.default, args, input_masks={"tensors": (a, ones(0), b)})
+    assert eq(ref.outputs[0], torch.cat([a, b]))
+    used = ones(3, 3)
+    used[2] = False
+    ref = check_rule(aten.cat.default, args, input_masks={"tensors": (a, ones(0), b)}, used=used)
+    got_a, got_empty, got_b = ref.inputs["tensors"]
+    assert eq(got_a, ones(2, 3)) and tuple(got_empty.shape) == (0,) and not bool(got_b.any())
