@@ -17,12 +17,26 @@ in a file, so they hold for the source the session was made from.
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import toml  # a cosmic-ray dependency (tomllib is Python 3.11+)
 from cosmic_ray.work_db import WorkDB, use_db
 from cosmic_ray.work_item import TestOutcome, WorkerOutcome
+
+
+def _diff(m) -> str:
+    """The mutation's diff, recomputed from the file (for results stored without one)."""
+    from cosmic_ray.mutating import mutate_code
+    from cosmic_ray.plugins import get_operator
+
+    source = Path(m.module_path).read_text()
+    mutated = mutate_code(source, get_operator(m.operator_name)(**m.operator_args), m.occurrence)
+    if mutated is None:
+        return ""
+    lines = difflib.unified_diff(source.split("\n"), mutated.split("\n"), lineterm="")
+    return "\n".join(lines)
 
 
 def _changed_lines(diff: str | None) -> str:
@@ -53,7 +67,7 @@ def main() -> None:
                     continue
                 key = f"{module}:{m.operator_name}:{m.occurrence}"
                 if result.test_outcome == TestOutcome.SURVIVED:
-                    change = _changed_lines(result.diff)
+                    change = _changed_lines(result.diff or _diff(m))
                     if key in equivalent:
                         counts[module]["equivalent"] += 1
                         equivalents.append((key, change, equivalent[key]["reason"]))
