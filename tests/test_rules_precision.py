@@ -584,3 +584,27 @@ def test_cat_skips_legacy_empty_inputs() -> None:
     ref = check_rule(aten.cat.default, args, input_masks={"tensors": (a, ones(0), b)}, used=used)
     got_a, got_empty, got_b = ref.inputs["tensors"]
     assert eq(got_a, ones(2, 3)) and tuple(got_empty.shape) == (0,) and not bool(got_b.any())
+
+
+def test_batch_norm_running_var_pruned_only_for_a_positive_eps() -> None:
+    """Where (x - mean) * w is zero the variance is not read, but a zeroed variance gives
+    rsqrt(eps): finite only for eps > 0."""
+    x = ones(2, 4, 3, 3)
+    x[:, 1] = False
+    rm = ones(4)
+    rm[1] = False  # channel 1: x and running_mean pruned, x - mean is zero
+    masks = {"input": x, "running_mean": rm}
+    for eps, var_pruned in ((1e-5, True), (-0.5, False)):
+        args = (r(2, 4, 3, 3), r(4), r(4), r(4), r(4).abs() + 1.0, False, 0.1, eps, False)
+        ref = check_rule(aten.batch_norm.default, args, input_masks=masks)
+        var = ref.inputs.get("running_var")
+        assert (var is not None and not bool(var[1])) == var_pruned, eps
+
+
+def test_scalar_is_zero() -> None:
+    from sparta.propagation_rules._util import scalar_is_zero
+
+    assert scalar_is_zero(0) and scalar_is_zero(0.0) and scalar_is_zero(False)
+    assert scalar_is_zero(torch.tensor(0.0)) and scalar_is_zero(torch.zeros(1, 1))
+    assert not scalar_is_zero(torch.tensor(2.0)) and not scalar_is_zero(torch.zeros(2))
+    assert not scalar_is_zero(1e-9) and not scalar_is_zero(True) and not scalar_is_zero(None)
