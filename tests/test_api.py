@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -59,9 +60,11 @@ def test_missing_rule_in_strict_mode_prints_a_stub() -> None:
 
 def test_report_contract_and_inputs_untouched() -> None:
     model, (x,) = mlp()
-    mask = torch.rand(64, 32) < 0.5
-    mask_copy, x_copy = mask.clone(), x.clone()
-    report = sparta.propagate(model, {"fc1.weight": sparta.TeSA.from_mask(mask), "x": x > -5}, (x,))
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 32, generator=gen) < 0.5
+    x_mask = (torch.rand(32, generator=gen) < 0.75).expand(4, 32).clone()  # prunes features
+    mask_copy, x_copy, x_mask_copy = mask.clone(), x.clone(), x_mask.clone()
+    report = sparta.propagate(model, {"fc1.weight": sparta.TeSA.from_mask(mask), "x": x_mask}, (x,))
     d = json.loads(json.dumps(report.to_dict()))
     kinds = {t["kind"] for t in d["tensors"]}
     assert kinds == {"parameter", "input", "activation", "output"}
@@ -71,8 +74,14 @@ def test_report_contract_and_inputs_untouched() -> None:
         assert set(n) >= {"name", "target", "rule", "impl", "latency_ms", "dense_latency_ms"}
     w = report.tensor("fc1.weight")
     assert w.density_given == pytest.approx(mask.float().mean().item())
-    assert torch.equal(report.mask("fc1.weight"), mask)
-    assert torch.equal(mask, mask_copy) and torch.equal(x, x_copy)
+    x_density = x_mask.float().mean().item()
+    assert report.tensor("x").density_given == pytest.approx(x_density) and x_density < 1
+    # pruned input features leave the matching weight columns unused
+    assert torch.equal(report.mask("fc1.weight"), mask & x_mask[0])
+    assert torch.equal(report.mask("x"), x_mask)
+    assert (
+        torch.equal(mask, mask_copy) and torch.equal(x, x_copy) and torch.equal(x_mask, x_mask_copy)
+    )
     assert "weights kept" in str(report)
 
 
@@ -88,12 +97,14 @@ def test_pruned_output_unit_propagates_backward_to_previous_layer() -> None:
 def test_plot_writes_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     model, x = mlp()
-    report = sparta.propagate(model, {"fc1.weight": torch.rand(64, 32) < 0.3}, x)
+    mask = torch.rand(64, 32, generator=torch.Generator().manual_seed(0)) < 0.3
+    report = sparta.propagate(model, {"fc1.weight": mask}, x)
     report.plot(str(tmp_path / "d.png"))
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_tesa_patterns_and_digest() -> None:
+    torch.manual_seed(0)
     m = torch.zeros(128, 96, dtype=torch.bool)
     m[:32, 32:64] = True
     t = sparta.TeSA(m)
@@ -120,8 +131,12 @@ def test_pruned_model_compiles_with_plain_names() -> None:
     import torch.nn.utils.prune as prune
 
     model, (x,) = mlp()
+    clean = copy.deepcopy(model)
     prune.l1_unstructured(model.fc1, "weight", 0.5)
     compiled = sparta.compile(model, sparta.masks_from(model), (x,), measure=False)
     assert compiled.report.mask("fc1.weight").float().mean().item() == pytest.approx(0.5)
+    # the reference: the unpruned model masked with prune's own buffer, not the pruned model
+    ref = sparta.masked_model(clean, {"fc1.weight": model.fc1.weight_mask.bool()})
     with torch.no_grad():
-        assert torch.allclose(compiled(x), model(x), atol=1e-5)
+        fresh = torch.randn(6, 32)
+        assert torch.allclose(compiled(fresh), ref(fresh), atol=1e-5)

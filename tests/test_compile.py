@@ -1,31 +1,16 @@
-"""End-to-end: compiled == masked dense model, on the five models and the demo model."""
+"""compile() on the demo model and single layers: shrinking, backends, the planner's choices.
+
+The reference models with each backend forced are in test_e2e.py."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from models import MODELS
+from models import MODELS, unit_masks
 
 import sparta
 from sparta import masked_model as masked_reference
 from sparta.demo import TinyBert, demo_masks
-
-
-def structured_masks(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Prune whole output units of every other matrix and random elements of the rest."""
-    gen = torch.Generator().manual_seed(seed)
-    attrs = {}
-    for i, (name, p) in enumerate(model.named_parameters()):
-        if p.dim() < 2 or "embed" in name or "wte" in name or "wpe" in name:
-            continue
-        if i % 2 == 0:
-            rows = torch.rand(p.shape[0], generator=gen) < 0.6
-            attrs[name] = rows.view(-1, *([1] * (p.dim() - 1))).expand(p.shape).clone()
-        else:
-            attrs[name] = torch.rand(p.shape, generator=gen) < 0.7
-    return attrs
 
 
 def leaves(out) -> list[torch.Tensor]:
@@ -38,20 +23,6 @@ def assert_close_outputs(a, b, tol: float = 1e-4) -> None:
     for x, y in zip(la, lb):
         scale = y.abs().max().item() or 1.0
         assert (x - y).abs().max().item() / scale < tol
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_compile_matches_masked_dense(name: str) -> None:
-    model, inputs = MODELS[name]()
-    attrs = structured_masks(model)
-    before = copy.deepcopy(model.state_dict())
-    compiled = sparta.compile(model, attrs, inputs, measure=False)
-    for k, v in model.state_dict().items():  # the user's model is bit-identical
-        assert torch.equal(v, before[k]), k
-    ref = masked_reference(model, attrs)
-    with torch.no_grad():
-        assert_close_outputs(compiled(*inputs), ref(*inputs))
-    sparta.check_soundness(model, attrs, inputs)
 
 
 def test_demo_model_shrinks_heads_and_units_and_other_shapes_work() -> None:
@@ -82,7 +53,7 @@ def test_backends_validation() -> None:
 @pytest.mark.filterwarnings("ignore:sparta. the compiled model measured slower")
 def test_report_has_latency_when_measured() -> None:
     model, inputs = MODELS["mlp"]()
-    compiled = sparta.compile(model, structured_masks(model), inputs)
+    compiled = sparta.compile(model, unit_masks(model), inputs)
     d = compiled.report.to_dict()
     assert d["latency_dense_ms"] > 0 and d["latency_compiled_ms"] > 0
     linear = [n for n in d["nodes"] if n["target"] == "aten.linear.default"]
@@ -160,7 +131,9 @@ def test_pruned_heads_shrink_with_a_shared_attention_mask() -> None:
         assert_close_outputs(compiled(x), masked_reference(model, {"o.weight": cols})(x))
 
 
-def test_a_compiled_model_measured_slower_than_dense_is_reported(monkeypatch) -> None:
+def test_a_compiled_model_measured_slower_than_dense_is_backed_off_and_reported(
+    monkeypatch,
+) -> None:
     import sys
 
     sc = sys.modules["sparta.compile"]  # the module (sparta.compile is also the function)
@@ -173,6 +146,36 @@ def test_a_compiled_model_measured_slower_than_dense_is_reported(monkeypatch) ->
         compiled = sparta.compile(model, {"0.weight": mask}, (torch.randn(4, 16),))
     assert compiled.report.latency_compiled_ms == 2.0
     assert compiled.report.whole["backed_off"]  # the shrunk node went back to dense
+
+
+@pytest.mark.parametrize(("compiled_ms", "warns"), [(1.1, True), (1.01, False)])
+def test_the_slower_than_dense_warning_threshold(
+    monkeypatch, compiled_ms: float, warns: bool
+) -> None:
+    """Whole-model timings within 2% are noise; beyond, the user is told. (The timings are
+    set here: no real model lands reliably on either side of 2%. Real timings:
+    test_promises.py::test_a_compiled_model_slower_than_dense_warns_with_real_timings.)"""
+    import sys
+    import warnings
+
+    sc = sys.modules["sparta.compile"]  # the module (sparta.compile is also the function)
+    timings = {"dense": 1.0, "compiled": compiled_ms}
+    monkeypatch.setattr(sc, "compare_ms", lambda fns, dev, **kw: dict(timings))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    mask[:8] = False  # shrinks; with "dense" left out nothing is backed off
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = sparta.compile(
+            model, {"0.weight": mask}, (torch.randn(4, 16),), backends=["shrink"]
+        )
+    slower = [w for w in caught if "slower than the dense graph" in str(w.message)]
+    assert len(slower) == int(warns)
+    if warns:
+        assert f"{compiled_ms:.3f} ms vs 1.000 ms" in str(slower[0].message)
+        assert slower[0].filename == __file__  # points at the caller of sparta.compile
+    assert compiled.report.latency_compiled_ms == compiled_ms
+    assert compiled.report.latency_dense_ms == 1.0
 
 
 @pytest.mark.parametrize(("shrink_ms", "picked"), [(1.04, "shrink"), (1.2, "dense")])
@@ -192,6 +195,34 @@ def test_a_shrink_within_noise_of_the_fastest_keeps_the_compact_layout(
     compiled = sparta.compile(model, attrs, (ids,), measure=False)
     impls = {c.impl for c in compiled.plan.choices.values() if "shrink" in c.candidates}
     assert impls == {picked}
+
+
+def test_a_shrunk_consumer_of_a_producer_that_stayed_dense(monkeypatch) -> None:
+    """The producer of a compact input measured faster dense, its consumer faster shrunk: the
+    consumer's input arrives full-size and its output is expanded back where it is computed."""
+    import sparta.plan as sp
+
+    winners = iter(["dense", "shrink"])  # fc1, then fc2 (the planner times them in order)
+
+    def fake(fns, dev, **kw):
+        win = next(winners)
+        return {k: 1.0 if k == win else 2.0 for k in fns}
+
+    monkeypatch.setattr(sp, "compare_ms", fake)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 48)
+    ).eval()
+    units = torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.4
+    attrs = {"0.weight": units[:, None].expand(64, 32).clone(), "0.bias": units.clone()}
+    x = torch.randn(2, 5, 32)
+    compiled = sparta.compile(model, attrs, (x,), measure=False)
+    assert [c.impl for c in compiled.plan.choices.values()] == ["dense", "shrink"]
+    ref = masked_reference(model, attrs)
+    with torch.no_grad():
+        for shape in ((2, 5, 32), (3, 7, 32)):
+            fresh = torch.randn(shape)
+            assert_close_outputs(compiled(fresh), ref(fresh))
 
 
 def test_shrunk_widths_are_padded_to_aligned_sizes_with_exact_zeros() -> None:

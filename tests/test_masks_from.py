@@ -126,17 +126,16 @@ def test_five_lines_from_dense_to_compiled() -> None:
     from sparta.sparsifiers import Magnitude
 
     model = _net()
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16)  # (seeded by _net)
 
     attrs = sparta.sparsify(model, {"fc*.weight": Magnitude(0.8)})  # {name: bool mask}
     compiled = sparta.compile(model, attrs, (x,), measure=False)
     y = compiled(x)  # == model with each matched weight multiplied by its mask
 
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mask in attrs.items():
-            ref.get_parameter(name).mul_(mask)
+    ref = sparta.masked_model(model, attrs)
     torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-5)
+    fresh = torch.randn(9, 16)
+    torch.testing.assert_close(compiled(fresh), ref(fresh), rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- masks_from
@@ -212,21 +211,42 @@ def test_masks_from_row_mask_parametrization_and_clean_model() -> None:
 
 
 def test_pruned_models_compile_with_masks_from() -> None:
-    """masks_from's plain names are accepted for the renamed parameters of pruned models."""
-    x = torch.randn(4, 16)
+    """masks_from's plain names are accepted for the renamed parameters of pruned models. The
+    reference is the unpruned model times the pruning tools' own mask buffers, built by
+    sparta.masked_model: never the pruned model itself, whose graph applies the masks anyway.
+    The same masks on an unpruned copy must give the same function (compile applies them)."""
+    gen = torch.Generator().manual_seed(0)
+    x, fresh = torch.randn(4, 16, generator=gen), torch.randn(7, 16, generator=gen)
     model = _net()
+    clean = copy.deepcopy(model)
     prune.ln_structured(model.fc2, "weight", amount=0.5, n=2, dim=1)  # input columns
     prune.l1_unstructured(model.fc1, "weight", amount=0.5)
-    compiled = sparta.compile(model, masks_from(model), (x,), measure=False)
-    torch.testing.assert_close(compiled(x), model(x))
-    # unused input features of fc2 spread back to fc1's rows and bias
-    assert float(compiled.report.mask("fc1.bias").float().mean()) == 0.5
+    masks = masks_from(model)
+    ref = sparta.masked_model(
+        clean,
+        {"fc1.weight": model.fc1.weight_mask.bool(), "fc2.weight": model.fc2.weight_mask.bool()},
+    )
+    with torch.no_grad():
+        assert (ref(fresh) - clean(fresh)).abs().max() > 1e-2  # the masks matter
+    for target in (model, clean):
+        compiled = sparta.compile(target, masks, (x,), measure=False)
+        torch.testing.assert_close(compiled(fresh), ref(fresh))
+        # unused input features of fc2 spread back to fc1's rows and bias
+        assert float(compiled.report.mask("fc1.bias").float().mean()) == 0.5
 
+    torch.manual_seed(1)
     seq = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    clean_seq = copy.deepcopy(seq)
     sparsifier = WeightNormSparsifier(
         sparsity_level=1.0, sparse_block_shape=(1, 4), zeros_per_block=2
     )
     sparsifier.prepare(seq, [{"tensor_fqn": "0.weight"}])
     sparsifier.step()
-    compiled = sparta.compile(seq, masks_from(seq), (x,), measure=False)
-    torch.testing.assert_close(compiled(x), seq(x))
+    ref = sparta.masked_model(
+        clean_seq, {"0.weight": seq[0].parametrizations.weight[0].mask.bool()}
+    )
+    with torch.no_grad():
+        assert (ref(fresh) - clean_seq(fresh)).abs().max() > 1e-2
+    for target in (seq, clean_seq):
+        compiled = sparta.compile(target, masks_from(seq), (x,), measure=False)
+        torch.testing.assert_close(compiled(fresh), ref(fresh))

@@ -433,3 +433,178 @@ def test_checker_catches_optimistic_rules() -> None:
     finally:
         unregister_rule(op)
         register_rule(packet, name=original.name)(original.fn)
+
+
+# ------------------------------------------------------------------ einsum, rms_norm
+
+
+def test_einsum_is_exact() -> None:
+    gen = torch.Generator().manual_seed(1)
+    a = torch.rand(2, 4, 8, generator=gen) > 0.6
+    b = torch.rand(8, 5, generator=gen) > 0.6
+    args = ("bij,jk->bik", [r(2, 4, 8), r(8, 5)])
+    brute = (a[:, :, :, None] & b[None, None]).any(dim=-2)
+    ref = check_rule(aten.einsum.default, args, input_masks={"tensors": (a, b)})
+    assert eq(ref.outputs[0], brute) and not bool(brute.all())
+    used = torch.rand(2, 4, 5, generator=gen) > 0.5
+    ref = check_rule(aten.einsum.default, args, input_masks={"tensors": (a, b)}, used=used)
+    out = used & brute
+    a_used = a & (out[:, :, None, :] & b[None, None]).any(dim=-1)
+    b_used = b & (out[:, :, None, :] & a[..., None]).any(dim=(0, 1))
+    got_a, got_b = ref.inputs["tensors"]
+    assert eq(got_a & a, a_used) and eq(got_b & b, b_used)
+    assert not bool(a_used.all()) and not bool(b_used.all())
+
+
+def test_rms_norm_keeps_zeros_and_couples_the_group_backward() -> None:
+    x = ones(2, 3, 8)
+    x[0, 0, 3] = False  # no mean is subtracted: a zero input stays zero
+    x[1, 2, :] = False
+    w = ones(8)
+    w[5] = False
+    args = (r(2, 3, 8), [8], r(8))
+    ref = check_rule(aten.rms_norm.default, args, input_masks={"input": x, "weight": w})
+    assert eq(ref.outputs[0], x & w)
+    used = zeros(2, 3, 8)
+    used[0, 1, 2] = True  # one kept output: its whole token feeds the statistic
+    used[1, 0, 5] = True  # a kept output through a pruned scale: the token is not used by it
+    ref = check_rule(aten.rms_norm.default, args, input_masks={"weight": w}, used=used)
+    expect_x = zeros(2, 3, 8)
+    expect_x[0, 1, :] = True
+    assert eq(ref.inputs["input"], expect_x)
+    assert eq(ref.inputs["weight"] & w, zeros(8).index_fill(0, torch.tensor([2]), True))
+
+
+def test_index_select_index_used_where_a_selected_line_is_kept() -> None:
+    idx = torch.tensor([4, 0, 4, 2])
+    for dim in (0, 1):
+        shape = (6, 7) if dim == 0 else (7, 6)
+        used = zeros(*((4, 7) if dim == 0 else (7, 4)))
+        used.select(dim, 1).fill_(True)  # only the line selected by index entry 1 is used
+        ref = check_rule(aten.index_select.default, (r(*shape), dim, idx), used=used,
+                         const_args=("index",))  # fmt: skip
+        assert eq(ref.inputs["index"], torch.tensor([False, True, False, False])), dim
+        self_used = zeros(*shape)
+        self_used.select(dim, 0).fill_(True)  # index entry 1 reads line 0
+        assert eq(ref.inputs["self"], self_used), dim
+
+
+def test_group_norm_groups_scale_and_shift() -> None:
+    args = (r(2, 4, 3, 3), 2, r(4), r(4))  # 2 groups: channels (0, 1) and (2, 3)
+    x = ones(2, 4, 3, 3)
+    x[1, 2:4] = False  # sample 1: its whole second group is pruned
+    w, b = ones(4), ones(4)
+    w[1], b[1] = False, False  # scale and shift pruned: channel 1 is zero
+    b[2] = False  # scale kept: channel 2 is zero only where its group is
+    w[3], b[3] = False, False
+    ref = check_rule(aten.group_norm.default, args,
+                     input_masks={"input": x, "weight": w, "bias": b})  # fmt: skip
+    expect = ones(2, 4, 3, 3)
+    expect[:, 1] = False
+    expect[1, 2] = False
+    expect[:, 3] = False
+    assert eq(ref.outputs[0], expect)
+    used = zeros(2, 4, 3, 3)
+    used[0, 0, 1, 1] = True  # one kept output: its sample's group 0 feeds the statistics
+    ref = check_rule(aten.group_norm.default, args, used=used)
+    expect_x = zeros(2, 4, 3, 3)
+    expect_x[0, :2] = True
+    assert eq(ref.inputs["input"], expect_x)
+    channel0 = zeros(4).index_fill(0, torch.tensor([0]), True)
+    assert eq(ref.inputs["weight"], channel0) and eq(ref.inputs["bias"], channel0)
+
+
+def test_pow_by_a_positive_constant_keeps_zeros() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(3, 5, generator=gen) > 0.4
+    used = torch.rand(3, 5, generator=gen) > 0.4
+    ref = check_rule(aten.pow.Tensor_Scalar, (r(3, 5), 2), input_masks={"self": x}, used=used)
+    assert eq(ref.outputs[0], x) and eq(ref.inputs["self"], used)
+    ref = check_rule(aten.pow.Tensor_Scalar, (r(3, 5), 0), input_masks={"self": x})
+    assert bool(ref.outputs[0].all()) and not bool(ref.inputs["self"].any())  # x ** 0 == 1
+
+
+def test_movedim_moves_the_mask() -> None:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 3, 4, generator=gen) > 0.5
+    for src, dst in ((1, 0), (-1, 0), (0, 2), ([0, 2], [2, 1])):
+        want = x.movedim(src, dst)
+        ref = check_rule(aten.movedim.intlist if isinstance(src, list) else aten.movedim.int,
+                         (r(2, 3, 4), src, dst), input_masks={"self": x})  # fmt: skip
+        assert eq(ref.outputs[0], want), (src, dst)
+        ref = check_rule(aten.movedim.intlist if isinstance(src, list) else aten.movedim.int,
+                         (r(2, 3, 4), src, dst), used=want)  # fmt: skip
+        assert eq(ref.inputs["self"], x), (src, dst)
+
+
+def test_native_group_norm_statistics_of_a_pruned_group() -> None:
+    x = ones(2, 4, 3, 3)
+    x[1, 2:4] = False  # sample 1, group 1: all pruned, so is its mean
+    args = (r(2, 4, 3, 3), r(4), r(4), 2, 4, 9, 2, 1e-5)
+    ref = check_rule(aten.native_group_norm.default, args, input_masks={"input": x})
+    assert eq(ref.outputs[1], torch.tensor([[True, True], [True, False]]))
+
+
+def test_sdpa_without_a_head_dim() -> None:
+    q, k, v = r(2, 5, 8), r(2, 7, 8), r(2, 7, 6)  # (batch, tokens, features): S != features
+    sdpa = aten.scaled_dot_product_attention.default
+    vm = ones(2, 7, 6)
+    vm[..., 2] = False
+    ref = check_rule(sdpa, (q, k, v), input_masks={"value": vm})
+    assert eq(ref.outputs[0], ones(2, 5, 6).index_fill(2, torch.tensor([2]), False))
+    used = zeros(2, 5, 6)
+    used[0, 1, 0] = True  # one output element of query 1 in batch 0
+    ref = check_rule(sdpa, (q, k, v), used=used)
+    v_used, q_used, k_used = zeros(2, 7, 6), zeros(2, 5, 8), zeros(2, 7, 8)
+    v_used[0, :, 0] = True
+    q_used[0, 1] = True
+    k_used[0] = True
+    assert eq(ref.inputs["value"], v_used) and eq(ref.inputs["query"], q_used)
+    assert eq(ref.inputs["key"], k_used)
+
+
+def test_all_and_any_over_several_dims() -> None:
+    x = ones(3, 4)
+    x[0, 1] = False  # one zero makes all() False: the output is zero
+    x[2] = False
+    for op, want in ((aten.all.dims, [False, True, False]), (aten.any.dims, [True, True, False])):
+        ref = check_rule(op, (r(3, 4).abs() + 0.1, [1]), input_masks={"self": x})
+        assert eq(ref.outputs[0], torch.tensor(want)), op
+
+
+def test_cat_skips_legacy_empty_inputs() -> None:
+    """ATen's cat ignores 1-D empty tensors beside higher-rank ones (legacy behaviour)."""
+    a, b = ones(2, 3), ones(1, 3)
+    a[0, 1] = False
+    args = ([r(2, 3), torch.empty(0), r(1, 3)], 0)
+    ref = check_rule(aten.cat.default, args, input_masks={"tensors": (a, ones(0), b)})
+    assert eq(ref.outputs[0], torch.cat([a, b]))
+    used = ones(3, 3)
+    used[2] = False
+    ref = check_rule(aten.cat.default, args, input_masks={"tensors": (a, ones(0), b)}, used=used)
+    got_a, got_empty, got_b = ref.inputs["tensors"]
+    assert eq(got_a, ones(2, 3)) and tuple(got_empty.shape) == (0,) and not bool(got_b.any())
+
+
+def test_batch_norm_running_var_pruned_only_for_a_positive_eps() -> None:
+    """Where (x - mean) * w is zero the variance is not read, but a zeroed variance gives
+    rsqrt(eps): finite only for eps > 0."""
+    x = ones(2, 4, 3, 3)
+    x[:, 1] = False
+    rm = ones(4)
+    rm[1] = False  # channel 1: x and running_mean pruned, x - mean is zero
+    masks = {"input": x, "running_mean": rm}
+    for eps, var_pruned in ((1e-5, True), (-0.5, False)):
+        args = (r(2, 4, 3, 3), r(4), r(4), r(4), r(4).abs() + 1.0, False, 0.1, eps, False)
+        ref = check_rule(aten.batch_norm.default, args, input_masks=masks)
+        var = ref.inputs.get("running_var")
+        assert (var is not None and not bool(var[1])) == var_pruned, eps
+
+
+def test_scalar_is_zero() -> None:
+    from sparta.propagation_rules._util import scalar_is_zero
+
+    assert scalar_is_zero(0) and scalar_is_zero(0.0) and scalar_is_zero(False)
+    assert scalar_is_zero(torch.tensor(0.0)) and scalar_is_zero(torch.zeros(1, 1))
+    assert not scalar_is_zero(torch.tensor(2.0)) and not scalar_is_zero(torch.zeros(2))
+    assert not scalar_is_zero(1e-9) and not scalar_is_zero(True) and not scalar_is_zero(None)
