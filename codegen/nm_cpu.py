@@ -25,7 +25,7 @@ import torch
 from sparta.codegen import cpu_ops
 from sparta.codegen.cache import cache_key, cached_file, dump_source
 from sparta.codegen.op_call import OpCall
-from sparta.errors import BackendError
+from sparta.errors import BackendError, BuildTimeout
 from sparta.kernels.nm_layout import ACTIVATIONS, NMPacked, pack_nm
 
 ISAS = ("avx512", "avx2", "scalar")
@@ -114,6 +114,20 @@ def rows_per_tile(n: int, isa: str, path: str, tiles: tuple[int, int, int] | Non
     if path == "perm":
         return 16 // n
     return tiles[0] if tiles is not None else ISA_CONFIGS[isa].rows
+
+
+CXX_TIMEOUT_S = 300.0  # default limit of one kernel build ($SPARTA_CXX_TIMEOUT, seconds)
+
+
+def compiler_timeout_s() -> float:
+    """Seconds one kernel build may take before it is killed: $SPARTA_CXX_TIMEOUT or 300."""
+    raw = os.environ.get("SPARTA_CXX_TIMEOUT", "")
+    try:
+        return float(raw) if raw else CXX_TIMEOUT_S
+    except ValueError:
+        raise BackendError(
+            f"$SPARTA_CXX_TIMEOUT must be a number of seconds, got {raw!r}."
+        ) from None
 
 
 def compiler() -> str | None:
@@ -205,12 +219,22 @@ def compile_source(source: str, isa: str, family: str = "nm_cpu") -> tuple[Path,
         with tempfile.TemporaryDirectory(prefix="sparta-cxx-") as tmp:
             src, lib = Path(tmp) / "kernel.cpp", Path(tmp) / "kernel.so"
             src.write_text(source)
-            proc = subprocess.run(
-                [cxx, *flags, str(src), "-o", str(lib)], capture_output=True, text=True
-            )
+            timeout = compiler_timeout_s()
+            try:
+                proc = subprocess.run(
+                    [cxx, *flags, str(src), "-o", str(lib)],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                )
+            except subprocess.TimeoutExpired as e:
+                raise BuildTimeout(
+                    f"the C++ compiler {cxx} did not finish the {family} kernel {key} within "
+                    f"{timeout:g} s (killed); raise $SPARTA_CXX_TIMEOUT or check the compiler."
+                ) from e
             if proc.returncode != 0:
                 raise BackendError(
-                    f"g++ failed to build the {family} kernel {key} (exit {proc.returncode}):\n"
+                    f"{cxx} failed to build the {family} kernel {key} (exit {proc.returncode}):\n"
                     f"{proc.stderr[-4000:]}\nRe-run with SPARTA_DEBUG=2 to see the source."
                 )
             shutil.copyfile(lib, out)

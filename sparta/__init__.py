@@ -6,7 +6,17 @@ compiled = sparta.compile(model, attrs, example_inputs)
 
 from . import sparsifiers
 from .compile import CompiledModel, compile
-from .errors import AttrError, BackendError, MissingRuleError, PlanError, SpartaError, TraceError
+from .errors import (
+    AttrError,
+    BackendError,
+    BuildTimeout,
+    InputError,
+    MissingRuleError,
+    PlanError,
+    SpartaError,
+    TraceError,
+    TrainModeError,
+)
 from .propagate import propagate
 from .reference import masked_model
 from .registry import Call, Refined, refine, register_rule, unregister_rule
@@ -18,8 +28,10 @@ from .tesa import Pattern, TeSA
 __all__ = [
     "AttrError",
     "BackendError",
+    "BuildTimeout",
     "Call",
     "CompiledModel",
+    "InputError",
     "MissingRuleError",
     "Pattern",
     "PlanError",
@@ -28,6 +40,7 @@ __all__ = [
     "SpartaError",
     "TeSA",
     "TraceError",
+    "TrainModeError",
     "check_soundness",
     "masked_model",
     "masks_from",

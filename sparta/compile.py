@@ -7,7 +7,6 @@ dense with back-off -> ``runtime.build`` (eager fx, Inductor, Inductor + CUDA gr
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,8 +16,10 @@ import torch
 import torch.fx as fx
 
 from .emit import Emitter
+from .errors import InputError, TrainModeError
 from .plan import Plan, back_off, dense_plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
+from .reference import copy_module
 from .report import Report
 from .runtime import Runtime, build, resolve
 from .timing import compare_ms
@@ -51,19 +52,116 @@ class CompiledModel(torch.nn.Module):
     Dynamo the plain graph, whose generated kernels are registered ops: one graph, no break.
     """
 
-    def __init__(self, gm: fx.GraphModule, report: Report, plan: Plan, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        report: Report,
+        plan: Plan,
+        runtime: Runtime,
+        signature: InputSignature | None = None,
+    ) -> None:
         super().__init__()
         self.graph_module = gm
         self.report = report
         self.plan = plan
         self.runtime = runtime
+        self.signature = signature or InputSignature({})
         self.__dict__["_run"] = build(gm, runtime)  # not a submodule: no duplicate state
+        super().train(False)
+
+    def train(self, mode: bool = True) -> CompiledModel:
+        """Only ``train(False)`` (``eval()``): a compiled model computes inference.
+
+        Raises:
+            TrainModeError: for ``train(True)``.
+        """
+        if mode:
+            raise TrainModeError(
+                "a compiled model computes inference (eval-mode) semantics only and cannot be "
+                "put in training mode; train the original model (e.g. sparta.masked_model(model, "
+                "attrs)) and compile it again."
+            )
+        return super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             if torch.compiler.is_compiling():
                 return self.graph_module(*args, **kwargs)
+            self.signature.check(args, kwargs)
             return self.__dict__["_run"](*args, **kwargs)
+
+
+# Modules whose result depends on ``training`` (the rest of torch.nn computes the same in both).
+TRAIN_DEPENDENT = (
+    torch.nn.Dropout,
+    torch.nn.Dropout1d,
+    torch.nn.Dropout2d,
+    torch.nn.Dropout3d,
+    torch.nn.AlphaDropout,
+    torch.nn.FeatureAlphaDropout,
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
+    torch.nn.RNNBase,
+    torch.nn.MultiheadAttention,
+)
+
+
+def check_eval_mode(model: torch.nn.Module) -> None:
+    """Raise ``TrainModeError`` when ``model`` is in training mode and that changes its result.
+
+    Compiled models compute eval-mode semantics. A module in training mode whose result does
+    not depend on it (linears, convolutions, layer norms...) compiles as it is.
+    """
+    for name, m in model.named_modules():
+        if not m.training or not isinstance(m, TRAIN_DEPENDENT):
+            continue
+        instance_norm = torch.nn.InstanceNorm1d | torch.nn.InstanceNorm2d | torch.nn.InstanceNorm3d
+        if isinstance(m, instance_norm) and not m.track_running_stats:
+            continue  # no running statistics: the same in both modes
+        if isinstance(m, torch.nn.RNNBase | torch.nn.MultiheadAttention) and not m.dropout:
+            continue
+        if getattr(m, "p", None) == 0:  # dropout with p=0 keeps everything
+            continue
+        raise TrainModeError(
+            f"the model is in training mode and {name or 'the model'} "
+            f"({type(m).__name__}) computes differently there; sparta.compile builds inference "
+            f"graphs (eval-mode semantics). Call model.eval() before compiling."
+        )
+
+
+@dataclass(frozen=True)
+class InputSignature:
+    """The device (and, for floating-point tensors, the dtype) of each tensor argument of the
+    example: generated kernels are specialised to them, so a call with another is an
+    ``InputError`` naming the argument instead of a failure inside a kernel."""
+
+    expected: Mapping[int | str, tuple[torch.dtype, torch.device]]  # position or name
+
+    @classmethod
+    def of(cls, example_inputs: tuple, example_kwargs: Mapping[str, Any]) -> InputSignature:
+        items = [*enumerate(example_inputs), *example_kwargs.items()]
+        return cls({k: (v.dtype, v.device) for k, v in items if isinstance(v, torch.Tensor)})
+
+    def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        for key, value in [*enumerate(args), *kwargs.items()]:
+            want = self.expected.get(key)
+            if want is None or not isinstance(value, torch.Tensor):
+                continue
+            dtype, device = want
+            float_mismatch = dtype.is_floating_point and value.dtype != dtype
+            if value.device != device or float_mismatch:
+                what = f"argument {key}" if isinstance(key, int) else f"argument {key!r}"
+                raise InputError(
+                    f"{what} is {value.dtype} on {value.device}, but the model was compiled "
+                    f"for {dtype} on {device} (its kernels are specialised to the example). "
+                    f"Pass .to({dtype}, {str(device)!r}) or compile again with an example of "
+                    f"this dtype and device."
+                )
 
 
 def _device_of(model: torch.nn.Module, example_inputs: tuple) -> torch.device:
@@ -96,13 +194,19 @@ def compile(
     Raises:
         AttrError, TraceError, MissingRuleError: see ``sparta.propagate``.
         PlanError: an unknown backend or mode.
+        TrainModeError: the model is in training mode and that changes its result (dropout,
+            batch norm...): call ``model.eval()`` first.
+
+    A call of the compiled model with a tensor argument on another device, or floating point
+    of another dtype, than the example raises ``InputError``.
     """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    check_eval_mode(model)
     dev = torch.device(device) if device is not None else _device_of(model, example_inputs)
     runtime = resolve(mode, dev)
     if dev != _device_of(model, example_inputs):
-        model = copy.deepcopy(model).to(dev)  # the user's model stays where it is
+        model = copy_module(model).to(dev)  # the user's model stays where it is
         example_inputs = tuple(
             e.to(dev) if isinstance(e, torch.Tensor) else e for e in example_inputs
         )
@@ -114,7 +218,8 @@ def compile(
         kw = dict(example_kwargs or {})
         plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
     report = _fill_report(p.report, plan, runtime, notes, whole)
-    return CompiledModel(gm, report, plan, runtime)
+    signature = InputSignature.of(example_inputs, dict(example_kwargs or {}))
+    return CompiledModel(gm, report, plan, runtime, signature)
 
 
 def _time_graphs(

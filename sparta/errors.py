@@ -48,5 +48,18 @@ class BackendError(SpartaError, RuntimeError):
     """A backend cannot build or run an implementation (no compiler, no GPU, bad config)."""
 
 
+class BuildTimeout(BackendError):
+    """A kernel build ran past its time limit (the compiler was killed)."""
+
+
+class TrainModeError(SpartaError, RuntimeError):
+    """A model in training mode was given to ``sparta.compile``, or a compiled model was put in
+    training mode: compiled models compute inference (eval-mode) semantics only."""
+
+
+class InputError(SpartaError, ValueError):
+    """An input of a compiled model differs from what it was compiled for (dtype, device)."""
+
+
 class PlanError(SpartaError, ValueError):
     """The plan cannot be made as asked (e.g. an unknown backend name)."""

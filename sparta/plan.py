@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .errors import BackendError, PlanError
+from .errors import BackendError, BuildTimeout, PlanError
 from .kernels import reference
 from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
@@ -208,8 +208,10 @@ def make_plan(
     linears = linear_nodes(p)
     layout = analyse(p.traced, p.result.masks, set(linears)) if "shrink" in backends else {}
     choices: dict[fx.Node, Choice] = {}
+    failed: dict[str, list[tuple[str, BackendError]]] = {}  # family -> (node, error)
     for n in linears:
-        choices[n] = _choose(p, n, layout, device, backends, device_time)
+        choices[n] = _choose(p, n, layout, device, backends, device_time, failed)
+    _warn_failed(failed)
     if forced:
         _warn_unapplied(p, choices, backends, device)
     if "triton" in backends:
@@ -281,7 +283,11 @@ def _choose(
     device: torch.device,
     backends: tuple[str, ...],
     device_time: bool = False,
+    failed: dict[str, list[tuple[str, BackendError]]] | None = None,
 ) -> Choice:
+    """``failed`` collects the families that could not be built for ``n`` (and why); a family
+    whose build timed out is not tried again for later nodes."""
+    failed = {} if failed is None else failed
     x = p.traced.example[n.args[0]].detach().to(device)
     w, wm, b = masked_weight(p, n, device)
     act_node, act = fusable_activation(n)
@@ -295,15 +301,17 @@ def _choose(
     modules: dict[str, torch.nn.Module] = {}
     fused: dict[str, bool] = {}
     for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
-        builder = _builder(family, pattern, device) if family in backends and pattern else None
-        if builder is None or (family == "triton" and not skips_tiles(wm)):
+        if family not in backends or not pattern or _timed_out(failed.get(family, ())):
             continue
-        fused[family] = act in FUSES[family]
-        own = act if fused[family] else None
         try:
+            builder = _builder(family, pattern, device)
+            if builder is None or (family == "triton" and not skips_tiles(wm)):
+                continue
+            fused[family] = act in FUSES[family]
+            own = act if fused[family] else None
             mod = builder(w, wm, b, own, node=n.name, tokens=x.numel() // x.shape[-1])
         except BackendError as e:
-            warnings.warn(f"sparta: {family} cannot implement {n.name}: {e}", stacklevel=2)
+            failed.setdefault(family, []).append((n.name, e))
             continue
         modules[family] = mod
         call = mod.op_call() if hasattr(mod, "op_call") else mod
@@ -356,19 +364,17 @@ def _builder(family: str, pattern, device: torch.device):
         from .codegen import nm_cpu
 
         if not nm_cpu.available():
-            _warn_once("no C++ compiler found: the nm_cpu backend is off, dense is used instead")
-            return None
+            nm_cpu.compile_source("", "scalar")  # raises the no-compiler BackendError
         return lambda w, wm, b, act, node, tokens: nm_cpu.build_nm_linear(
             w, wm, b, act, n=pattern.n, m=pattern.m, node=node, tokens=tokens
         )
     if family == "sparse_cpu":
         if device.type != "cpu" or pattern.kind in ("dense", "empty"):
             return None
-        from .codegen import sparse_cpu
+        from .codegen import nm_cpu, sparse_cpu
 
         if not sparse_cpu.available():
-            _warn_once("no C++ compiler found: the sparse_cpu backend is off, dense is used")
-            return None
+            nm_cpu.compile_source("", "scalar", "sparse_cpu")  # raises the no-compiler error
         return lambda w, wm, b, act, node, tokens: sparse_cpu.build_sparse_linear(
             w, wm, b, act, node=node, tokens=tokens
         )
@@ -461,10 +467,23 @@ def _semi_structured_linear(w, wm, b, act, node, tokens):
         raise BackendError(f"2:4 semi-structured weights not usable here: {e}") from e
 
 
-_WARNED: set[str] = set()
+def _timed_out(errors) -> bool:
+    return any(isinstance(e, BuildTimeout) for _, e in errors)
 
 
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(f"sparta: {msg}", stacklevel=3)
+def _warn_failed(failed: dict[str, list[tuple[str, BackendError]]]) -> None:
+    """One warning for every family that could not be built for some nodes: which, and why."""
+    if not failed:
+        return
+    parts = []
+    for family, errors in failed.items():
+        names = ", ".join(name for name, _ in errors)
+        first = str(errors[0][1])
+        first = first if len(first) <= 2000 else first[:2000] + " ..."
+        again = "; not tried again after the build timed out" if _timed_out(errors) else ""
+        parts.append(f"{family} for {names} ({first}{again})")
+    warnings.warn(
+        "sparta: kernels could not be built; these nodes run dense or another family instead: "
+        + "; ".join(parts),
+        stacklevel=4,  # the caller of sparta.compile
+    )

@@ -40,6 +40,8 @@ def measure_ms(
         if device_time:
             try:
                 return device_ms(fn, device, budget_ms=budget_ms, min_reps=min_reps)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as e:
                 warnings.warn(
                     f"sparta: a candidate could not be captured in a CUDA graph ({e}); timed on "
@@ -91,6 +93,8 @@ def device_ms(
             with torch.cuda.graph(graph):
                 for _ in range(reps):
                     fn()
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - report any capture failure the same way
             raise RuntimeError(f"{type(e).__name__}: {e}") from e
         graph.replay()
@@ -132,6 +136,26 @@ def _cuda_eager_ms(
     return statistics.median(samples)
 
 
+def _cuda_candidate_ms(
+    name: str, fn: Callable[[], object], device: torch.device, device_time: bool, budget_ms: float
+) -> float:
+    """One candidate's time; a candidate other than ``"dense"`` that runs out of device memory
+    is dropped (``inf``, with a warning) instead of failing the compile."""
+    try:
+        return measure_ms(fn, device, device_time=device_time, budget_ms=budget_ms)
+    except torch.OutOfMemoryError as e:
+        if name == "dense":
+            raise
+        torch.cuda.empty_cache()
+        first = str(e).splitlines()[0] if str(e) else "out of memory"
+        warnings.warn(
+            f"sparta: candidate {name!r} ran out of device memory while being timed and is "
+            f"dropped ({first})",
+            stacklevel=3,
+        )
+        return float("inf")
+
+
 def compare_ms(
     fns: dict[str, Callable[[], object]],
     device: torch.device,
@@ -144,10 +168,7 @@ def compare_ms(
     background load affects all candidates alike."""
     if device.type == "cuda":
         each = budget_ms / max(len(fns), 1)
-        return {
-            k: measure_ms(f, device, device_time=device_time, budget_ms=each)
-            for k, f in fns.items()
-        }
+        return {k: _cuda_candidate_ms(k, f, device, device_time, each) for k, f in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
         for f in fns.values():

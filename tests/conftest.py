@@ -19,9 +19,9 @@ def _seeded() -> None:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """The fault-injection table (tests/test_faults.py), when those tests ran."""
-    faults = sys.modules.get("test_faults")
-    results = getattr(faults, "RESULTS", None)
+    """The fault-injection table (tests/test_faults*.py), when those tests ran."""
+    log = sys.modules.get("fault_log")
+    results = getattr(log, "RESULTS", None)
     if not results:
         return
     write = terminalreporter.write_line

@@ -1,7 +1,7 @@
 """Fault injection: what users' environments do to a compiler, injected for real.
 
 Each test injects one fault, states what must happen, and records what did happen in
-``RESULTS``; ``conftest.py`` prints the table "fault | expected | observed" and the count
+``fault_log.RESULTS``; ``conftest.py`` prints the table "fault | expected | observed" and the count
 "N injected, N survived, 0 wrong answers" at the end of the run (``bench/results/faults_*.md``
 keeps a copy). A fault is *survived* when the expected behaviour is observed; a *wrong answer*
 is any output that differs from the independently masked model.
@@ -17,34 +17,16 @@ import sys
 import textwrap
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from fault_log import record
 
 import sparta
 from sparta.codegen import cache, nm_cpu
 
 pytestmark = pytest.mark.skipif(not nm_cpu.available(), reason="needs a C++ compiler")
-
-
-@dataclass
-class FaultResult:
-    fault: str
-    expected: str
-    observed: str
-    survived: bool
-    wrong_answer: bool
-
-
-RESULTS: list[FaultResult] = []
-
-
-def record(fault: str, expected: str, observed: str, survived: bool, wrong: bool = False) -> None:
-    RESULTS.append(FaultResult(fault, expected, observed, survived, wrong))
-    assert not wrong, f"{fault}: wrong answer ({observed})"
-    assert survived, f"{fault}: expected {expected}, observed {observed}"
 
 
 # ---------------------------------------------------------------- a model that builds kernels
