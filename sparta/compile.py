@@ -248,7 +248,7 @@ def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
         worst = sparse[: max(1, len(sparse) // 2)]
         reason = (
             f"backed off: the whole graph measured {whole.compiled_ms:.3f} ms vs dense "
-            f"{whole.dense_ms:.3f} ms"
+            f"{whole.dense_ms:.3f} ms ({whole.timer})"
         )
         plan = back_off(p, plan, worst, reason)
         whole.backed_off += [n.name for n in worst]
