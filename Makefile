@@ -35,7 +35,7 @@ bench: $(STAMP)
 # edit or commit while it runs. MUTATE picks the targets, SAMPLE the fraction of each target's
 # mutants run (seeded); sessions and reports go to out/mutation/.
 #   make mutate MUTATE="emitter rules" SAMPLE=0.2
-MUTATE ?= emitter rules engine shrink plan nm_cpu
+MUTATE ?= emitter rules engine shrink plan kernels
 SAMPLE ?= 1.0
 CR     := $(VENV)/bin/cosmic-ray
 mutate: $(STAMP)

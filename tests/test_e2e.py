@@ -12,7 +12,7 @@ import torch
 from models import MODELS, other_inputs, unit_masks
 
 import sparta
-from sparta.sparsifiers import NM, BlockMagnitude
+from sparta.sparsifiers import NM, BlockMagnitude, RandomFraction
 
 TOL = 1e-4  # relative to the largest output element, fp32
 
@@ -105,6 +105,35 @@ def test_nm_cpu_forced(name: str) -> None:
 
     calls = [n for n in compiled.graph_module.graph.nodes if n.target is NM_LINEAR]
     assert len(calls) == n_sparse  # the emitted graph calls the n:m kernel op
+    check_outputs(name, model, attrs, compiled, inputs)
+
+
+SPARSE_CASES = {  # unstructured masks: no pattern, so only sparse_cpu applies
+    "mlp": ({"fc*.weight": RandomFraction(0.7, seed=5)}, 3),
+    "bert_mask": ({"encoder.*.intermediate.dense.weight": RandomFraction(0.8, seed=5)}, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_CASES))
+def test_sparse_cpu_forced(name: str) -> None:
+    """README: "sparse_cpu" (unstructured C++ kernels that read only the kept weights, for any
+    mask); the emitted graph calls its op, and ``report.runtime`` says what ran."""
+    from sparta.codegen import sparse_cpu
+    from sparta.codegen.cpu_ops import SPARSE_LINEAR
+
+    if not sparse_cpu.available():
+        pytest.skip("no C++ compiler")
+    model, inputs = MODELS[name]()
+    spec, n_sparse = SPARSE_CASES[name]
+    attrs = sparta.sparsify(model, spec)
+    compiled = sparta.compile(
+        model, attrs, inputs, backends=["sparse_cpu"], measure=False, mode="eager"
+    )
+    impls = linear_impls(compiled)
+    assert impls.count("sparse_cpu") == n_sparse and set(impls) <= {"sparse_cpu", "dense"}
+    calls = [n for n in compiled.graph_module.graph.nodes if n.target is SPARSE_LINEAR]
+    assert len(calls) == n_sparse
+    assert compiled.report.runtime.startswith("eager on cpu (mode='eager'")
     check_outputs(name, model, attrs, compiled, inputs)
 
 
