@@ -211,6 +211,26 @@ def test_scatter_with_constant_index_is_exact() -> None:
     assert ref.outputs[0].tolist() == [[True, False, False, False], [False, False, False, True]]
 
 
+def test_affine_grid_theta_used_per_sample() -> None:
+    """Each sample's grid comes from its own theta: an unused sample leaves its theta unused."""
+    used = torch.ones(3, 4, 5, 2, dtype=torch.bool)
+    used[1] = False
+    used[2, 0, 0, 1] = False  # one coordinate of sample 2: its theta is still read
+    ref = check_rule(aten.affine_grid_generator.default, (rn(3, 2, 3), [3, 1, 4, 5], False),
+                     used=used)  # fmt: skip
+    assert ref.inputs["theta"].tolist() == [[[True] * 3] * 2, [[False] * 3] * 2, [[True] * 3] * 2]
+
+
+def test_prelu_slope_used_per_channel() -> None:
+    """A channel's slope (dim 1) is read where a kept output of that channel has x nonzero."""
+    used = torch.ones(2, 3, 4, dtype=torch.bool)
+    used[:, 1] = False  # no output of channel 1 is used
+    x = torch.ones(2, 3, 4, dtype=torch.bool)
+    x[:, 2] = False  # channel 2 pruned on the input
+    ref = check_rule(aten.prelu.default, (rn(2, 3, 4), rn(3)), input_masks={"self": x}, used=used)
+    assert ref.inputs["weight"].tolist() == [True, False, False]
+
+
 # ----------------------------------------------------------------------------- recurrent layers
 
 KINDS = {"lstm": (nn.LSTM, 4, 2), "gru": (nn.GRU, 3, 2), "rnn_tanh": (nn.RNN, 1, 0),
