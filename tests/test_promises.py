@@ -389,6 +389,31 @@ def test_the_kernel_ops_named_in_readme_are_the_registered_ones() -> None:
         assert isinstance(getattr(torch.ops.sparta, name).default, torch._ops.OpOverload)
 
 
+class AllTrueMaskAttention(nn.Module):
+    """SDPA with an all-True mask built from positions and the arguments after it given."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        t = q.shape[2]
+        mask = (torch.arange(t) >= 0)[None, None, None, :].expand(q.shape[0], 1, t, t)
+        return nn.functional.scaled_dot_product_attention(q, q, q, mask, 0.5, False)
+
+
+def test_a_mask_proven_all_true_is_dropped_and_the_other_arguments_kept() -> None:
+    """README: masks proven to have no effect are dropped (report.rewrites); the call keeps
+    every other argument: with the same random state the dropout draws are the model's."""
+    model = AllTrueMaskAttention().eval()
+    compiled = sparta.compile(model, {}, (torch.randn(2, 2, 6, 8),), measure=False)
+    assert any("attn_mask" in note for note in compiled.report.rewrites)
+    for seed, shape in [(3, (2, 2, 6, 8)), (4, (3, 2, 9, 8))]:
+        q = torch.randn(shape)
+        torch.manual_seed(seed)
+        want = model(q)
+        torch.manual_seed(seed)
+        got = compiled(q)
+        assert not torch.equal(model(q), want)  # dropout is on: another draw differs
+        assert torch.allclose(got, want, atol=1e-6), shape
+
+
 # ------------------------------------------------------------------ docs/custom_ops.md
 
 
