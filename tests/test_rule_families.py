@@ -231,6 +231,23 @@ def test_prelu_slope_used_per_channel() -> None:
     assert ref.inputs["weight"].tolist() == [True, False, False]
 
 
+def test_repeat_interleave_with_constant_repeats_copies_the_mask() -> None:
+    x = torch.tensor([True, False, True])
+    reps = torch.tensor([1, 2, 3])
+    ref = check_rule(aten.repeat_interleave.self_Tensor, (rn(3), reps), input_masks={"self": x},
+                     const_args=("repeats",))  # fmt: skip
+    assert ref.outputs[0].tolist() == x.repeat_interleave(reps).tolist()
+
+
+def test_prod_with_a_known_zero_reads_nothing() -> None:
+    """A product over a row with a pruned element is zero: the row's other elements are unused."""
+    x = torch.ones(3, 4, dtype=torch.bool)
+    x[1, 2] = False
+    ref = check_rule(aten.prod.dim_int, (rn(3, 4), 1), input_masks={"self": x})
+    assert ref.outputs[0].tolist() == [True, False, True]
+    assert ref.inputs["self"].tolist() == [[True] * 4, [False] * 4, [True] * 4]
+
+
 # ----------------------------------------------------------------------------- recurrent layers
 
 KINDS = {"lstm": (nn.LSTM, 4, 2), "gru": (nn.GRU, 3, 2), "rnn_tanh": (nn.RNN, 1, 0),
