@@ -248,6 +248,14 @@ def test_prod_with_a_known_zero_reads_nothing() -> None:
     assert ref.inputs["self"].tolist() == [[True] * 4, [False] * 4, [True] * 4]
 
 
+def test_index_fill_with_zero_at_a_constant_index_prunes_the_filled_slices() -> None:
+    ref = check_rule(aten.index_fill.int_Scalar, (rn(3, 4), 1, torch.tensor([0, 2]), 0.0),
+                     const_args=("index",))  # fmt: skip
+    filled = torch.tensor([[False, True, False, True]] * 3)
+    assert ref.outputs[0].tolist() == filled.tolist()
+    assert ref.inputs["self"].tolist() == filled.tolist()  # overwritten: never read
+
+
 # ----------------------------------------------------------------------------- recurrent layers
 
 KINDS = {"lstm": (nn.LSTM, 4, 2), "gru": (nn.GRU, 3, 2), "rnn_tanh": (nn.RNN, 1, 0),
