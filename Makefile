@@ -33,9 +33,12 @@ bench: $(STAMP)
 # Mutation testing with cosmic-ray (configs and the fast test subsets: bench/mutation/*.toml).
 # Mutants are applied to the files in place, one at a time, and restored after each run: do not
 # edit or commit while it runs. MUTATE picks the targets, SAMPLE the fraction of each target's
-# mutants run (seeded); sessions and reports go to out/mutation/.
+# mutants run (seeded); sessions and reports go to out/mutation/. To run on a scratch copy of the
+# tree instead, link sparta/propagation_rules, sparta/codegen and sparta/kernels in the copy to its
+# own folders: the editable install maps those packages to this checkout, so a mutant of the
+# copy's propagation_rules/ or codegen/ would otherwise never be imported (and always survive).
 #   make mutate MUTATE="emitter rules" SAMPLE=0.2
-MUTATE ?= emitter rules engine shrink plan nm_cpu
+MUTATE ?= emitter rules engine shrink plan kernels
 SAMPLE ?= 1.0
 CR     := $(VENV)/bin/cosmic-ray
 mutate: $(STAMP)

@@ -12,7 +12,7 @@ import torch
 from models import MODELS, other_inputs, unit_masks
 
 import sparta
-from sparta.sparsifiers import NM, BlockMagnitude
+from sparta.sparsifiers import NM, BlockMagnitude, RandomFraction
 
 TOL = 1e-4  # relative to the largest output element, fp32
 
@@ -108,6 +108,35 @@ def test_nm_cpu_forced(name: str) -> None:
     check_outputs(name, model, attrs, compiled, inputs)
 
 
+SPARSE_CASES = {  # unstructured masks: no pattern, so only sparse_cpu applies
+    "mlp": ({"fc*.weight": RandomFraction(0.7, seed=5)}, 3),
+    "bert_mask": ({"encoder.*.intermediate.dense.weight": RandomFraction(0.8, seed=5)}, 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE_CASES))
+def test_sparse_cpu_forced(name: str) -> None:
+    """README: "sparse_cpu" (unstructured C++ kernels that read only the kept weights, for any
+    mask); the emitted graph calls its op, and ``report.runtime`` says what ran."""
+    from sparta.codegen import sparse_cpu
+    from sparta.codegen.cpu_ops import SPARSE_LINEAR
+
+    if not sparse_cpu.available():
+        pytest.skip("no C++ compiler")
+    model, inputs = MODELS[name]()
+    spec, n_sparse = SPARSE_CASES[name]
+    attrs = sparta.sparsify(model, spec)
+    compiled = sparta.compile(
+        model, attrs, inputs, backends=["sparse_cpu"], measure=False, mode="eager"
+    )
+    impls = linear_impls(compiled)
+    assert impls.count("sparse_cpu") == n_sparse and set(impls) <= {"sparse_cpu", "dense"}
+    calls = [n for n in compiled.graph_module.graph.nodes if n.target is SPARSE_LINEAR]
+    assert len(calls) == n_sparse
+    assert compiled.report.runtime.startswith("eager on cpu (mode='eager'")
+    check_outputs(name, model, attrs, compiled, inputs)
+
+
 TRITON_CASES = {
     "mlp": ({"fc*.weight": BlockMagnitude((16, 16), 0.5)}, 3),
     "bert_mask": ({"encoder.*.intermediate.dense.weight": BlockMagnitude((16, 16), 0.5)}, 2),
@@ -131,8 +160,8 @@ def test_triton_forced_in_interpreter(name: str) -> None:
 
 
 def test_default_backends_mix_shrink_and_folded_masks() -> None:
-    """Unit masks on some layers, elementwise masks on the others, the planner free to choose
-    (masks that do not shrink are folded into the weights or run on the CPU kernels)."""
+    """Unit masks on some layers, elementwise masks on the others, the planner free to choose:
+    the masks that do not shrink are folded into the weights or run by a CPU sparse kernel."""
     model, inputs = MODELS["bert_mask"]()
     units = unit_masks(model, seed=5)
     gen = torch.Generator().manual_seed(5)

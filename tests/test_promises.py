@@ -203,6 +203,27 @@ def test_nm_cpu_slower_than_dense_is_not_picked() -> None:
     assert_matches(compiled, sparta.masked_model(lin, attrs), torch.randn(3, 8))
 
 
+def test_sparse_cpu_slower_than_dense_is_not_picked() -> None:
+    """An unstructured 75%-kept weight at 8x8 and two tokens: the kernel's call costs more than
+    the whole dense product, and the measured timings say so."""
+    from sparta.codegen import sparse_cpu
+
+    if not sparse_cpu.available():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 8).eval()
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(2)) < 0.75
+    x = torch.randn(2, 8)
+    compiled = sparta.compile(
+        lin, {"weight": mask}, (x,), backends=["dense", "sparse_cpu"], measure=False
+    )
+    choice = _only_choice(compiled)
+    assert set(choice.candidates) == {"dense", "sparse_cpu"}
+    assert choice.candidates["sparse_cpu"] > choice.candidates["dense"]
+    assert choice.impl == "dense" and choice.module is None
+    assert_matches(compiled, sparta.masked_model(lin, {"weight": mask}), torch.randn(3, 8))
+
+
 def test_triton_slower_than_dense_is_not_picked() -> None:
     """In the CPU interpreter a Triton kernel runs orders of magnitude slower than dense."""
     pytest.importorskip("triton")
@@ -352,6 +373,46 @@ def test_cusparselt_forced_on_cuda() -> None:
     assert_matches(
         compiled, ref, torch.randn(32, 256, device="cuda", dtype=torch.float16), tol=1e-2
     )
+
+
+def test_the_kernel_ops_named_in_readme_are_the_registered_ones() -> None:
+    """README: "Generated kernels are torch.library ops (sparta::...)": each named op exists,
+    and every op the kernel modules register is named there."""
+    pytest.importorskip("triton")
+    import sparta.codegen.cpu_ops  # noqa: F401  (registers the C++ kernels' ops)
+    import sparta.codegen.triton_ops  # noqa: F401  (registers the Triton kernels' ops)
+
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"`sparta::(\w+)`", readme))
+    registered = {n for n in dir(torch.ops.sparta) if not n.startswith("_")} - {"name"}
+    assert named == registered
+    for name in named:
+        assert isinstance(getattr(torch.ops.sparta, name).default, torch._ops.OpOverload)
+
+
+class AllTrueMaskAttention(nn.Module):
+    """SDPA with an all-True mask built from positions and the arguments after it given."""
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        t = q.shape[2]
+        mask = (torch.arange(t) >= 0)[None, None, None, :].expand(q.shape[0], 1, t, t)
+        return nn.functional.scaled_dot_product_attention(q, q, q, mask, 0.5, False)
+
+
+def test_a_mask_proven_all_true_is_dropped_and_the_other_arguments_kept() -> None:
+    """README: masks proven to have no effect are dropped (report.rewrites); the call keeps
+    every other argument: with the same random state the dropout draws are the model's."""
+    model = AllTrueMaskAttention().eval()
+    compiled = sparta.compile(model, {}, (torch.randn(2, 2, 6, 8),), measure=False)
+    assert any("attn_mask" in note for note in compiled.report.rewrites)
+    for seed, shape in [(3, (2, 2, 6, 8)), (4, (3, 2, 9, 8))]:
+        q = torch.randn(shape)
+        torch.manual_seed(seed)
+        want = model(q)
+        torch.manual_seed(seed)
+        got = compiled(q)
+        assert not torch.equal(model(q), want)  # dropout is on: another draw differs
+        assert torch.allclose(got, want, atol=1e-6), shape
 
 
 # ------------------------------------------------------------------ docs/custom_ops.md

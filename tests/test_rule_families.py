@@ -211,6 +211,51 @@ def test_scatter_with_constant_index_is_exact() -> None:
     assert ref.outputs[0].tolist() == [[True, False, False, False], [False, False, False, True]]
 
 
+def test_affine_grid_theta_used_per_sample() -> None:
+    """Each sample's grid comes from its own theta: an unused sample leaves its theta unused."""
+    used = torch.ones(3, 4, 5, 2, dtype=torch.bool)
+    used[1] = False
+    used[2, 0, 0, 1] = False  # one coordinate of sample 2: its theta is still read
+    ref = check_rule(aten.affine_grid_generator.default, (rn(3, 2, 3), [3, 1, 4, 5], False),
+                     used=used)  # fmt: skip
+    assert ref.inputs["theta"].tolist() == [[[True] * 3] * 2, [[False] * 3] * 2, [[True] * 3] * 2]
+
+
+def test_prelu_slope_used_per_channel() -> None:
+    """A channel's slope (dim 1) is read where a kept output of that channel has x nonzero."""
+    used = torch.ones(2, 3, 4, dtype=torch.bool)
+    used[:, 1] = False  # no output of channel 1 is used
+    x = torch.ones(2, 3, 4, dtype=torch.bool)
+    x[:, 2] = False  # channel 2 pruned on the input
+    ref = check_rule(aten.prelu.default, (rn(2, 3, 4), rn(3)), input_masks={"self": x}, used=used)
+    assert ref.inputs["weight"].tolist() == [True, False, False]
+
+
+def test_repeat_interleave_with_constant_repeats_copies_the_mask() -> None:
+    x = torch.tensor([True, False, True])
+    reps = torch.tensor([1, 2, 3])
+    ref = check_rule(aten.repeat_interleave.self_Tensor, (rn(3), reps), input_masks={"self": x},
+                     const_args=("repeats",))  # fmt: skip
+    assert ref.outputs[0].tolist() == x.repeat_interleave(reps).tolist()
+
+
+def test_prod_with_a_known_zero_reads_nothing() -> None:
+    """A product over a row with a pruned element is zero: the row's other elements are unused."""
+    x = torch.ones(3, 4, dtype=torch.bool)
+    x[1, 2] = False
+    ref = check_rule(aten.prod.dim_int, (rn(3, 4), 1), input_masks={"self": x})
+    assert ref.outputs[0].tolist() == [True, False, True]
+    assert ref.inputs["self"].tolist() == [[True] * 4, [False] * 4, [True] * 4]
+
+
+def test_index_fill_with_zero_at_a_constant_index_prunes_the_filled_slices() -> None:
+    ref = check_rule(aten.index_fill.int_Scalar, (rn(3, 4), 1, torch.tensor([0, 2]), 0.0),
+                     const_args=("index",))  # fmt: skip
+    filled = torch.tensor([[False, True, False, True]] * 3)
+    assert ref.outputs[0].tolist() == filled.tolist()
+    assert ref.inputs["self"].tolist() == filled.tolist()  # overwritten: never read
+
+
 # ----------------------------------------------------------------------------- recurrent layers
 
 KINDS = {"lstm": (nn.LSTM, 4, 2), "gru": (nn.GRU, 3, 2), "rnn_tanh": (nn.RNN, 1, 0),

@@ -586,6 +586,19 @@ def test_cat_skips_legacy_empty_inputs() -> None:
     assert eq(got_a, ones(2, 3)) and tuple(got_empty.shape) == (0,) and not bool(got_b.any())
 
 
+def test_batch_norm_training_saved_statistics_read_every_input() -> None:
+    """Training: a used saved mean (output 1) reads every element of the input, even in a
+    channel whose normalised output nobody uses; with no statistic used, that channel is not."""
+    args = (r(2, 4, 3, 3), r(4), r(4), r(4), r(4).abs() + 0.5, True, 0.1, 1e-5)
+    used = ones(2, 4, 3, 3)
+    used[:, 1] = False
+    for stats in [(ones(4), zeros(4)), (zeros(4), ones(4))]:  # saved mean, or saved invstd
+        ref = check_rule(aten.native_batch_norm.default, args, used=(used, *stats))
+        assert bool(ref.inputs.get("input", ones(1)).all()), stats
+    ref = check_rule(aten.native_batch_norm.default, args, used=(used, zeros(4), zeros(4)))
+    assert eq(ref.inputs["input"], used)
+
+
 def test_batch_norm_running_var_pruned_only_for_a_positive_eps() -> None:
     """Where (x - mean) * w is zero the variance is not read, but a zeroed variance gives
     rsqrt(eps): finite only for eps > 0."""

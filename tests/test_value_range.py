@@ -18,6 +18,8 @@ class MaskFrom(nn.Module):
         self.build = build
         self.register_buffer("tril", torch.ones(40, 40, dtype=torch.bool).tril())
         self.register_buffer("ones", torch.ones(40, 40, dtype=torch.bool))
+        # real parts all 1, imaginary parts not: never equal to 1 where the imaginary part is not 0
+        self.register_buffer("phase", torch.complex(torch.ones(40, 40), torch.rand(40, 40) + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (B, T, 2): B and T dynamic
         return torch.where(self.build(self, x[..., 0])[..., None], x, 0.0)
@@ -36,6 +38,7 @@ POSITIONS = {
         lambda m, x: m.ones[: x.shape[0], : x.shape[1]] & (torch.arange(x.shape[1]) >= 0),
         True,
     ),
+    "complex": (lambda m, x: m.phase[: x.shape[0], : x.shape[1]] == 1, False),  # no range
     "input": (lambda m, x: x > -1e9, False),  # true on any sane input, but input-dependent
 }
 

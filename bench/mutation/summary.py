@@ -4,8 +4,9 @@
         [--equivalent bench/mutation/equivalent.toml]
 
 A mutant is *killed* when the test command failed (a timeout counts as killed: the tests did
-not pass), *survived* when it passed. Mutants skipped by the operator filter or the sample are
-not counted. ``equivalent.toml`` lists survivors that no test can kill, each with a reason:
+not pass), *survived* when it passed. Mutants skipped by the operator filter ("filtered out")
+or the sample ("not sampled") are not counted. ``equivalent.toml`` lists survivors that no
+test can kill, each with a reason:
 
     ["sparta/compile.py:core/ReplaceComparisonOperator_Eq_NotEq:3"]
     reason = "..."
@@ -62,8 +63,9 @@ def main() -> None:
             for item, result in db.completed_work_items:
                 m = item.mutations[0]
                 module = str(m.module_path)
-                if result.worker_outcome == WorkerOutcome.SKIPPED:
-                    counts[module]["skipped"] += 1
+                if result.worker_outcome == WorkerOutcome.SKIPPED:  # operator filter or sample
+                    filtered = (result.output or "").startswith("Filtered")
+                    counts[module]["filtered" if filtered else "skipped"] += 1
                     continue
                 key = f"{module}:{m.operator_name}:{m.occurrence}"
                 if result.test_outcome == TestOutcome.SURVIVED:
@@ -81,8 +83,11 @@ def main() -> None:
                     counts[module]["timeout/error"] += 1
             for item in db.pending_work_items:
                 counts[str(item.mutations[0].module_path)]["pending"] += 1
-    print("| module | run | killed | survived | equivalent | kill rate | not sampled | pending |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| module | run | killed | survived | equivalent | kill rate | not sampled "
+        "| filtered out | pending |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     total = Counter()
     for module in sorted(counts):
         c = counts[module]
@@ -109,7 +114,7 @@ def _row(name: str, c: Counter) -> str:
     rate = f"{c['killed'] / denom:.0%}" if denom else "-"
     return (
         f"| {name} | {run} | {c['killed']} | {c['survived']} | {c['equivalent']} | {rate} | "
-        f"{c['skipped']} | {c['pending']} |"
+        f"{c['skipped']} | {c['filtered']} | {c['pending']} |"
     )
 
 
