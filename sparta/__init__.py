@@ -7,6 +7,7 @@ compiled = sparta.compile(model, attrs, example_inputs)
 from . import sparsifiers
 from .compile import CompiledModel, compile
 from .errors import AttrError, BackendError, MissingRuleError, PlanError, SpartaError, TraceError
+from .measure import Measurement, measure
 from .propagate import propagate
 from .reference import masked_model
 from .registry import Call, Refined, refine, register_rule, unregister_rule
@@ -20,6 +21,7 @@ __all__ = [
     "BackendError",
     "Call",
     "CompiledModel",
+    "Measurement",
     "MissingRuleError",
     "Pattern",
     "PlanError",
@@ -31,6 +33,7 @@ __all__ = [
     "check_soundness",
     "masked_model",
     "masks_from",
+    "measure",
     "sparsifiers",
     "sparsify",
     "compile",

@@ -51,13 +51,42 @@ class CompiledModel(torch.nn.Module):
     Dynamo the plain graph, whose generated kernels are registered ops: one graph, no break.
     """
 
-    def __init__(self, gm: fx.GraphModule, report: Report, plan: Plan, runtime: Runtime) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        report: Report,
+        plan: Plan | None,
+        runtime: Runtime,
+        propagated: Propagated | None = None,
+        source: Any = None,
+    ) -> None:
         super().__init__()
         self.graph_module = gm
         self.report = report
         self.plan = plan
         self.runtime = runtime
         self.__dict__["_run"] = build(gm, runtime)  # not a submodule: no duplicate state
+        # The propagation the plan was made on (for measure and save); a loaded plan keeps its
+        # saved document instead and rebuilds the propagation only when asked (``planned``).
+        self.__dict__["_propagated"] = propagated
+        self.__dict__["_source"] = source
+
+    def planned(self) -> tuple[Propagated, Plan]:
+        """The propagation and the plan this module was built from (a loaded plan traces its
+        model again for them, without propagating or tuning)."""
+        if self.__dict__["_propagated"] is None:
+            from .saved import replan
+
+            p, plan = replan(self.__dict__["_source"])
+            self.__dict__["_propagated"], self.plan = p, plan
+        return self.__dict__["_propagated"], self.plan
+
+    def save(self, path: str) -> None:
+        """Write the plan to ``path`` (one safetensors file: tensors, and the plan as JSON in
+        its metadata; no pickle). ``sparta.load(path, model)`` rebuilds this module."""
+        from .saved import save
+
+        save(self, path)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
@@ -114,10 +143,10 @@ def compile(
         kw = dict(example_kwargs or {})
         plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
     report = _fill_report(p.report, plan, runtime, notes, whole)
-    return CompiledModel(gm, report, plan, runtime)
+    return CompiledModel(gm, report, plan, runtime, p)
 
 
-def _time_graphs(
+def time_graphs(
     graphs: dict[str, Callable[..., Any]], runtime: Runtime, inputs: tuple, kwargs: dict
 ) -> dict[str, float]:
     fns = {k: (lambda g=g: g(*inputs, **kwargs)) for k, g in graphs.items()}
@@ -129,10 +158,10 @@ def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
     back to dense the sparse nodes that saved least alone (half of them per step)."""
     timer = "device time, CUDA-graph replay" if runtime.device_time else "host time per call"
     if not plan.sparse():  # the compiled graph is the dense graph
-        t = _time_graphs({"dense": gm}, runtime, inputs, kwargs)
+        t = time_graphs({"dense": gm}, runtime, inputs, kwargs)
         return plan, gm, notes, WholeGraph(t["dense"], t["dense"], f"{timer} of the fx graph")
     dense_gm, _ = emit(p, dense_plan(plan))
-    t = _time_graphs({"dense": dense_gm, "compiled": gm}, runtime, inputs, kwargs)
+    t = time_graphs({"dense": dense_gm, "compiled": gm}, runtime, inputs, kwargs)
     whole = WholeGraph(t["dense"], t["compiled"], f"{timer} of the fx graphs")
     for _ in range(MAX_BACK_OFFS):
         sparse = sorted(plan.sparse(), key=lambda n: plan.choices[n].saving_ms)
@@ -148,7 +177,7 @@ def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
         plan = back_off(p, plan, worst, reason)
         whole.backed_off += [n.name for n in worst]
         gm, notes = emit(p, plan)
-        whole.compiled_ms = _time_graphs({"c": gm}, runtime, inputs, kwargs)["c"]
+        whole.compiled_ms = time_graphs({"c": gm}, runtime, inputs, kwargs)["c"]
     if whole.compiled_ms > WHOLE_TOL * whole.dense_ms:
         warnings.warn(
             f"sparta: the compiled graph measured slower than the dense graph on "
