@@ -12,6 +12,7 @@ from .propagate import propagate
 from .reference import masked_model
 from .registry import Call, Refined, refine, register_rule, unregister_rule
 from .report import Report
+from .saved import load
 from .soundness import check_soundness
 from .sparsify import masks_from, sparsify
 from .tesa import Pattern, TeSA
@@ -32,6 +33,7 @@ __all__ = [
     "TraceError",
     "check_soundness",
     "masked_model",
+    "load",
     "masks_from",
     "measure",
     "sparsifiers",

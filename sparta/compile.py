@@ -143,7 +143,10 @@ def compile(
         kw = dict(example_kwargs or {})
         plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
     report = _fill_report(p.report, plan, runtime, notes, whole)
-    return CompiledModel(gm, report, plan, runtime, p)
+    out = CompiledModel(gm, report, plan, runtime, p)
+    out.__dict__["_example"] = (example_inputs, dict(example_kwargs or {}))
+    out.__dict__["_model"] = model
+    return out
 
 
 def time_graphs(
