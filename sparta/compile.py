@@ -16,11 +16,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import plan_cache
 from .emit import Emitter
 from .plan import Plan, back_off, dense_plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
 from .report import Report
 from .runtime import Runtime, build, resolve
+from .saved import signature
 from .timing import compare_ms
 
 WHOLE_TOL = 1.02  # the whole sparse graph may measure up to 2% slower (noise) before back-off
@@ -63,7 +65,7 @@ class CompiledModel(torch.nn.Module):
         super().__init__()
         self.graph_module = gm
         self.report = report
-        self.plan = plan
+        self.__dict__["_plan"] = plan
         self.runtime = runtime
         self.__dict__["_run"] = build(gm, runtime)  # not a submodule: no duplicate state
         # The propagation the plan was made on (for measure and save); a loaded plan keeps its
@@ -77,9 +79,13 @@ class CompiledModel(torch.nn.Module):
         if self.__dict__["_propagated"] is None:
             from .saved import replan
 
-            p, plan = replan(self.__dict__["_source"])
-            self.__dict__["_propagated"], self.plan = p, plan
-        return self.__dict__["_propagated"], self.plan
+            self.__dict__["_propagated"], self.__dict__["_plan"] = replan(self.__dict__["_source"])
+        return self.__dict__["_propagated"], self.__dict__["_plan"]
+
+    @property
+    def plan(self) -> Plan:
+        """The plan: a choice (implementation, timings, reason) per planned graph node."""
+        return self.planned()[1]
 
     def save(self, path: str) -> None:
         """Write the plan to ``path`` (one safetensors file: tensors, and the plan as JSON in
@@ -130,6 +136,16 @@ def compile(
         example_inputs = (example_inputs,)
     dev = torch.device(device) if device is not None else _device_of(model, example_inputs)
     runtime = resolve(mode, dev)
+    key = sig = None
+    if plan_cache.enabled() and isinstance(attrs, Mapping):
+        sig = signature(model)
+        options = {"device": str(dev), "backends": None if backends is None else tuple(backends),
+                   "mode": mode, "strict": strict, "measure": measure}  # fmt: skip
+        kw = dict(example_kwargs or {})
+        key = plan_cache.plan_key(model, attrs, example_inputs, kw, options, sig)
+        hit = plan_cache.lookup(key, model, sig)
+        if hit is not None:
+            return hit
     if dev != _device_of(model, example_inputs):
         model = copy.deepcopy(model).to(dev)  # the user's model stays where it is
         example_inputs = tuple(
@@ -146,6 +162,9 @@ def compile(
     out = CompiledModel(gm, report, plan, runtime, p)
     out.__dict__["_example"] = (example_inputs, dict(example_kwargs or {}))
     out.__dict__["_model"] = model
+    out.__dict__["_signature"] = sig
+    if key is not None:
+        plan_cache.store(key, out)
     return out
 
 

@@ -19,6 +19,7 @@ the loading machine: a missing library is built, a cached one found by its key).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Mapping
@@ -60,9 +61,9 @@ def signature(model: torch.nn.Module) -> dict[str, Any]:
     return {"tensors": tensors, "digest": h.hexdigest()}
 
 
-def check_signature(saved: Mapping[str, Any], model: torch.nn.Module) -> None:
-    """PlanFileError naming the first difference between the saved signature and ``model``."""
-    got = signature(model)
+def check_signature(saved: Mapping[str, Any], got: Mapping[str, Any]) -> None:
+    """PlanFileError naming the first difference between a saved signature and ``got`` (the
+    ``signature`` of the model the plan is loaded for)."""
     want_t, got_t = saved["tensors"], got["tensors"]
     missing = sorted(set(want_t) - set(got_t))
     extra = sorted(set(got_t) - set(want_t))
@@ -303,13 +304,15 @@ def _get_inputs(doc: Mapping, tensors: Mapping, device) -> tuple[tuple, dict]:
 
 def read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The JSON document and the tensors of a saved plan; PlanFileError when unreadable."""
-    from safetensors import safe_open
+    from safetensors.torch import load as load_tensors
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            doc = json.loads(meta[KEY])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        # Read into memory (not memory-mapped): the module must not depend on the file later.
+        data = Path(path).read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        doc = json.loads(meta[KEY])
+        tensors = load_tensors(data)
     except FileNotFoundError:
         raise PlanFileError(f"no saved plan at {path}.") from None
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file: say which)
@@ -335,13 +338,18 @@ def load(path: str | Path, model: torch.nn.Module) -> CompiledModel:
     ``model`` differs from the plan's model (names, shapes, dtypes, weight digest: the message
     names the first difference), or the plan's device is absent here.
     """
+    if not isinstance(model, torch.nn.Module):
+        raise PlanFileError(f"sparta.load needs the model (a torch.nn.Module), got {model!r}.")
+    return load_checked(path, model, signature(model))
+
+
+def load_checked(path: str | Path, model: torch.nn.Module, sig: Mapping[str, Any]):
+    """``load`` with the model's ``signature`` already computed."""
     from .compile import CompiledModel
     from .runtime import resolve
 
-    if not isinstance(model, torch.nn.Module):
-        raise PlanFileError(f"sparta.load needs the model (a torch.nn.Module), got {model!r}.")
     doc, tensors = read(path)
-    check_signature(doc["signature"], model)
+    check_signature(doc["signature"], sig)
     device = torch.device(doc["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PlanFileError(f"the plan at {path} was made for {device}, which is absent here.")
@@ -416,6 +424,8 @@ def replan(source: Mapping[str, Any]) -> tuple[Propagated, Plan]:
     doc, tensors, model = source["doc"], source["tensors"], source["model"]
     device = torch.device(doc["device"])
     args, kwargs = _get_inputs(doc, tensors, device)
+    if any(t.device != device for t in model.parameters()):
+        model = copy.deepcopy(model).to(device)  # as compile traced it; the user's stays put
     traced = trace(model, args, kwargs, dynamic=doc["dynamic"])
     by_name = {n.name: n for n in traced.gm.graph.nodes}
     missing = sorted(set(doc["masks"]) - set(by_name))
