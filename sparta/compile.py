@@ -19,6 +19,7 @@ import torch.fx as fx
 from . import plan_cache
 from .emit import Emitter
 from .plan import Plan, back_off, dense_plan, make_plan
+from .progress import Progress
 from .propagate import Attrs, Propagated, run_propagation
 from .report import Report
 from .runtime import Runtime, build, resolve
@@ -118,6 +119,7 @@ def compile(
     example_kwargs: Mapping[str, Any] | None = None,
     measure: bool = True,
     mode: str = "default",
+    progress: bool | None = None,
 ) -> CompiledModel:
     """Propagate sparsity, plan each node by measured latency, and build the compiled module.
 
@@ -151,13 +153,22 @@ def compile(
         example_inputs = tuple(
             e.to(dev) if isinstance(e, torch.Tensor) else e for e in example_inputs
         )
-    p = run_propagation(model, attrs, example_inputs, example_kwargs=example_kwargs, strict=strict)
-    plan = make_plan(p, dev, backends, device_time=runtime.device_time)
-    gm, notes = emit(p, plan)
-    whole = None
-    if measure:
-        kw = dict(example_kwargs or {})
-        plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
+    bar = Progress(progress)
+    try:
+        p = run_propagation(
+            model, attrs, example_inputs, example_kwargs=example_kwargs, strict=strict,
+            on_traced=lambda: bar.advance("propagating"),
+        )  # fmt: skip
+        plan = make_plan(p, dev, backends, device_time=runtime.device_time, on_node=bar.node)
+        bar.advance("checking the whole graph")
+        gm, notes = emit(p, plan)
+        whole = None
+        if measure:
+            kw = dict(example_kwargs or {})
+            plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
+        bar.advance("done")
+    finally:
+        bar.close()
     report = _fill_report(p.report, plan, runtime, notes, whole)
     out = CompiledModel(gm, report, plan, runtime, p)
     out.__dict__["_example"] = (example_inputs, dict(example_kwargs or {}))

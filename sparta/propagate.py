@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,13 +205,17 @@ def run_propagation(
     example_kwargs: Mapping[str, Any] | None = None,
     strict: bool = True,
     dynamic: bool = True,
+    on_traced: Callable[[], None] | None = None,
 ) -> Propagated:
     """Trace (with dynamic batch and sequence dims unless ``dynamic=False``), resolve the
-    attributes, propagate, report."""
+    attributes, propagate, report. ``on_traced()`` is called between tracing and propagating
+    (progress)."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     traced = trace(model, example_inputs, example_kwargs, dynamic=dynamic)
     given, given_nodes = resolve_attrs(traced, attrs)
+    if on_traced is not None:
+        on_traced()
     start = time.perf_counter()
     result = propagate_graph(traced, given_nodes, strict=strict)
     seconds = time.perf_counter() - start

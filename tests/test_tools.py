@@ -167,3 +167,20 @@ def test_plan_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SPARTA_CACHE", "0")
     off = sparta.compile(model, attrs, inputs, measure=False)
     assert off.__dict__["_source"] is None
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(capsys, monkeypatch) -> None:
+    pytest.importorskip("tqdm")
+    from sparta import progress
+
+    model, inputs = mlp()
+    attrs = _mlp_attrs(model)
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    sparta.compile(model, attrs, inputs, measure=False, progress=True)
+    err = capsys.readouterr().err
+    assert "sparta: " in err and "measuring linear" in err
+    sparta.compile(model, attrs, inputs, measure=False)  # stderr is no terminal here
+    sparta.compile(model, attrs, inputs, measure=False, progress=False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("SPARTA_PROGRESS", "0")
+    assert not progress.wanted(None)
