@@ -184,3 +184,61 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(capsys, monkeypatch) -> N
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("SPARTA_PROGRESS", "0")
     assert not progress.wanted(None)
+
+
+_LOAD_ELSEWHERE = """
+import sys, torch, sparta
+from safetensors.torch import load_file
+sys.path.insert(0, {tests!r})
+from models import MLP
+torch.manual_seed(0)
+model = MLP(d_in=256, hidden=512, d_out=256).eval().cuda().half()
+loaded = sparta.load({plan!r}, model)
+want = load_file({io!r}, device="cuda")
+torch.testing.assert_close(loaded(want["x"]), want["y"], rtol=0, atol=0)
+print("impls", sorted({{n.impl for n in loaded.report.nodes}}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_measure_save_load_on_cuda_with_an_empty_kernel_cache(tmp_path, monkeypatch) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from models import MLP
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    model = MLP(d_in=256, hidden=512, d_out=256).eval().cuda().half()
+    gen = torch.Generator().manual_seed(0)
+    units = torch.rand(512, generator=gen) < 0.5
+    blocks = (torch.rand(16, 16, generator=gen) < 0.25).repeat_interleave(32, 0)
+    attrs = {
+        "fc1.weight": units[:, None].expand(512, 256).clone(),
+        "fc1.bias": units.clone(),
+        "fc2.weight": blocks.repeat_interleave(32, 1),
+    }
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+    compiled = sparta.compile(model, attrs, (x,), backends=["triton", "shrink"])
+    assert "triton" in {n.impl for n in compiled.report.nodes}
+    _check_measurement(sparta.measure(compiled, (torch.randn_like(x[:40]),)), compiled)
+    compiled.save(tmp_path / "plan.sparta")
+    x2 = torch.randn(33, 256, device="cuda", dtype=torch.half)
+    loaded = sparta.load(tmp_path / "plan.sparta", model)
+    torch.testing.assert_close(loaded(x2), compiled(x2), rtol=0, atol=0)
+    reference = sparta.masked_model(model, attrs)
+    torch.testing.assert_close(loaded(x2), reference(x2), rtol=2e-2, atol=2e-2)
+    # Another process with an empty kernel cache: the kernels are generated again.
+    save_file({"x": x2.cpu(), "y": loaded(x2).cpu()}, str(tmp_path / "io.safetensors"))
+    script = _LOAD_ELSEWHERE.format(
+        tests=os.path.dirname(__file__),
+        plan=str(tmp_path / "plan.sparta"),
+        io=str(tmp_path / "io.safetensors"),
+    )
+    env = {**os.environ, "SPARTA_CACHE_DIR": str(tmp_path / "empty")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "triton" in done.stdout
