@@ -161,6 +161,13 @@ def store(key: str, compiled: CompiledModel) -> Path | None:
         return cached_file(key, SUFFIX, compiled.save, readable)
     except SpartaError:
         return None  # e.g. a 2:4 module or an SDDMM kernel: kept in memory only
+    except Exception as e:  # noqa: BLE001  (the compiled module is fine; only caching failed)
+        warnings.warn(
+            f"sparta: the plan could not be cached ({type(e).__name__}: {e}); the compiled "
+            f"module is unaffected, the next compile of this model starts afresh.",
+            stacklevel=3,
+        )
+        return None
 
 
 __all__ = ["enabled", "lookup", "plan_key", "signature", "store"]
