@@ -89,10 +89,6 @@ class TilePlan:
     def n_slabs(self) -> int:
         return int(self.tile_chunks.sum())
 
-    @property
-    def max_chunks(self) -> int:
-        return int(self.tile_chunks.sum(dim=1).max()) if self.n_tiles else 0
-
 
 def _plan_from_tiles(chunks: torch.Tensor, tiles: list[list[int]], g: int, bn: int) -> TilePlan:
     """Packed rows per tile; empty slots get virtual rows (>= N, never stored) so that every

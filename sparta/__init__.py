@@ -17,10 +17,12 @@ from .errors import (
     TraceError,
     TrainModeError,
 )
+from .measure import Measurement, measure
 from .propagate import propagate
 from .reference import masked_model
 from .registry import Call, Refined, refine, register_rule, unregister_rule
 from .report import Report
+from .saved import load
 from .soundness import check_soundness
 from .sparsify import masks_from, sparsify
 from .tesa import Pattern, TeSA
@@ -32,6 +34,7 @@ __all__ = [
     "Call",
     "CompiledModel",
     "InputError",
+    "Measurement",
     "MissingRuleError",
     "Pattern",
     "PlanError",
@@ -43,7 +46,9 @@ __all__ = [
     "TrainModeError",
     "check_soundness",
     "masked_model",
+    "load",
     "masks_from",
+    "measure",
     "sparsifiers",
     "sparsify",
     "compile",

@@ -15,13 +15,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from . import plan_cache
 from .emit import Emitter
 from .errors import InputError, TrainModeError
 from .plan import Plan, back_off, dense_plan, make_plan
+from .progress import Progress
 from .propagate import Attrs, Propagated, run_propagation
 from .reference import copy_module
 from .report import Report
 from .runtime import Runtime, build, resolve
+from .saved import signature
 from .timing import compare_ms
 
 WHOLE_TOL = 1.02  # the whole sparse graph may measure up to 2% slower (noise) before back-off
@@ -56,18 +59,45 @@ class CompiledModel(torch.nn.Module):
         self,
         gm: fx.GraphModule,
         report: Report,
-        plan: Plan,
+        plan: Plan | None,
         runtime: Runtime,
-        signature: InputSignature | None = None,
+        propagated: Propagated | None = None,
+        source: Any = None,
+        input_signature: InputSignature | None = None,
     ) -> None:
         super().__init__()
         self.graph_module = gm
         self.report = report
-        self.plan = plan
+        self.__dict__["_plan"] = plan
         self.runtime = runtime
-        self.signature = signature or InputSignature({})
+        self.input_signature = input_signature or InputSignature({})
         self.__dict__["_run"] = build(gm, runtime)  # not a submodule: no duplicate state
+        # The propagation the plan was made on (for measure and save); a loaded plan keeps its
+        # saved document instead and rebuilds the propagation only when asked (``planned``).
+        self.__dict__["_propagated"] = propagated
+        self.__dict__["_source"] = source
         super().train(False)
+
+    def planned(self) -> tuple[Propagated, Plan]:
+        """The propagation and the plan this module was built from (a loaded plan traces its
+        model again for them, without propagating or tuning)."""
+        if self.__dict__["_propagated"] is None:
+            from .saved import replan
+
+            self.__dict__["_propagated"], self.__dict__["_plan"] = replan(self.__dict__["_source"])
+        return self.__dict__["_propagated"], self.__dict__["_plan"]
+
+    @property
+    def plan(self) -> Plan:
+        """The plan: a choice (implementation, timings, reason) per planned graph node."""
+        return self.planned()[1]
+
+    def save(self, path: str) -> None:
+        """Write the plan to ``path`` (one safetensors file: tensors, and the plan as JSON in
+        its metadata; no pickle). ``sparta.load(path, model)`` rebuilds this module."""
+        from .saved import save
+
+        save(self, path)
 
     def train(self, mode: bool = True) -> CompiledModel:
         """Only ``train(False)`` (``eval()``): a compiled model computes inference.
@@ -87,7 +117,7 @@ class CompiledModel(torch.nn.Module):
         with torch.no_grad():
             if torch.compiler.is_compiling():
                 return self.graph_module(*args, **kwargs)
-            self.signature.check(args, kwargs)
+            self.input_signature.check(args, kwargs)
             return self.__dict__["_run"](*args, **kwargs)
 
 
@@ -181,6 +211,7 @@ def compile(
     example_kwargs: Mapping[str, Any] | None = None,
     measure: bool = True,
     mode: str = "default",
+    progress: bool | None = None,
 ) -> CompiledModel:
     """Propagate sparsity, plan each node by measured latency, and build the compiled module.
 
@@ -205,24 +236,49 @@ def compile(
     check_eval_mode(model)
     dev = torch.device(device) if device is not None else _device_of(model, example_inputs)
     runtime = resolve(mode, dev)
+    key = sig = None
+    if plan_cache.enabled() and isinstance(attrs, Mapping):
+        sig = signature(model)
+        options = {"device": str(dev), "backends": None if backends is None else tuple(backends),
+                   "mode": mode, "strict": strict, "measure": measure}  # fmt: skip
+        kw = dict(example_kwargs or {})
+        key = plan_cache.plan_key(model, attrs, example_inputs, kw, options, sig)
+        hit = plan_cache.lookup(key, model, sig)
+        if hit is not None:
+            return hit
     if dev != _device_of(model, example_inputs):
         model = copy_module(model).to(dev)  # the user's model stays where it is
         example_inputs = tuple(
             e.to(dev) if isinstance(e, torch.Tensor) else e for e in example_inputs
         )
-    p = run_propagation(model, attrs, example_inputs, example_kwargs=example_kwargs, strict=strict)
-    plan = make_plan(p, dev, backends, device_time=runtime.device_time)
-    gm, notes = emit(p, plan)
-    whole = None
-    if measure:
-        kw = dict(example_kwargs or {})
-        plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
+    bar = Progress(progress)
+    try:
+        p = run_propagation(
+            model, attrs, example_inputs, example_kwargs=example_kwargs, strict=strict,
+            on_traced=lambda: bar.advance("propagating"),
+        )  # fmt: skip
+        plan = make_plan(p, dev, backends, device_time=runtime.device_time, on_node=bar.node)
+        bar.advance("checking the whole graph")
+        gm, notes = emit(p, plan)
+        whole = None
+        if measure:
+            kw = dict(example_kwargs or {})
+            plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
+        bar.advance("done")
+    finally:
+        bar.close()
     report = _fill_report(p.report, plan, runtime, notes, whole)
-    signature = InputSignature.of(example_inputs, dict(example_kwargs or {}))
-    return CompiledModel(gm, report, plan, runtime, signature)
+    inputs = InputSignature.of(example_inputs, dict(example_kwargs or {}))
+    out = CompiledModel(gm, report, plan, runtime, p, input_signature=inputs)
+    out.__dict__["_example"] = (example_inputs, dict(example_kwargs or {}))
+    out.__dict__["_model"] = model
+    out.__dict__["_signature"] = sig
+    if key is not None:
+        plan_cache.store(key, out)
+    return out
 
 
-def _time_graphs(
+def time_graphs(
     graphs: dict[str, Callable[..., Any]], runtime: Runtime, inputs: tuple, kwargs: dict
 ) -> dict[str, float]:
     fns = {k: (lambda g=g: g(*inputs, **kwargs)) for k, g in graphs.items()}
@@ -234,10 +290,10 @@ def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
     back to dense the sparse nodes that saved least alone (half of them per step)."""
     timer = "device time, CUDA-graph replay" if runtime.device_time else "host time per call"
     if not plan.sparse():  # the compiled graph is the dense graph
-        t = _time_graphs({"dense": gm}, runtime, inputs, kwargs)
+        t = time_graphs({"dense": gm}, runtime, inputs, kwargs)
         return plan, gm, notes, WholeGraph(t["dense"], t["dense"], f"{timer} of the fx graph")
     dense_gm, _ = emit(p, dense_plan(plan))
-    t = _time_graphs({"dense": dense_gm, "compiled": gm}, runtime, inputs, kwargs)
+    t = time_graphs({"dense": dense_gm, "compiled": gm}, runtime, inputs, kwargs)
     whole = WholeGraph(t["dense"], t["compiled"], f"{timer} of the fx graphs")
     for _ in range(MAX_BACK_OFFS):
         sparse = sorted(plan.sparse(), key=lambda n: plan.choices[n].saving_ms)
@@ -253,7 +309,7 @@ def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
         plan = back_off(p, plan, worst, reason)
         whole.backed_off += [n.name for n in worst]
         gm, notes = emit(p, plan)
-        whole.compiled_ms = _time_graphs({"c": gm}, runtime, inputs, kwargs)["c"]
+        whole.compiled_ms = time_graphs({"c": gm}, runtime, inputs, kwargs)["c"]
     if whole.compiled_ms > WHOLE_TOL * whole.dense_ms:
         warnings.warn(
             f"sparta: the compiled graph measured slower than the dense graph on "

@@ -1,7 +1,9 @@
 """``python -m sparta.demo``: a small BERT-like encoder with pruned FFN units and heads.
 
-Prints the propagation report and plan, and dense vs compiled latency; writes the report
-as JSON and a density plot to ``--out`` (default ``out/``). No downloads.
+Prints the propagation report, the plan with the reason for each choice, and ``sparta.measure``'s
+table (latency dense vs compiled per node beside FLOPs, and the whole forward); writes the report
+as JSON, a density plot, the FLOPs-vs-latency plot and the saved plan to ``--out`` (default
+``out/``), and loads the plan back. Runs on whatever device is present. No downloads.
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     compiled = sparta.compile(model, attrs, (ids,))
     seconds = time.perf_counter() - start
     print(compiled.report)
+    print("\nplan (why each node runs as it does):")
+    for n in compiled.report.nodes:
+        if n.reason:
+            print(f"  {n.name}: {n.impl} - {n.reason}")
+    measured = sparta.measure(compiled, (ids,))
+    print(measured)
     with torch.no_grad():
         ref = sparta.masked_model(model, attrs)(ids)
         err = (compiled(ids) - ref).abs().max().item()
@@ -112,9 +120,25 @@ def main(argv: list[str] | None = None) -> None:
         plotted = f" and {args.out}/density.png"
     except ImportError:
         plotted = " (install matplotlib for the density plot)"
+    try:
+        measured.plot(os.path.join(args.out, "measure.png"))
+        plotted += f", {args.out}/measure.png"
+    except ImportError:
+        pass
+    plan_path = os.path.join(args.out, "plan.sparta")
+    compiled.save(plan_path)
+    start = time.perf_counter()
+    loaded = sparta.load(plan_path, model)
+    load_s = time.perf_counter() - start
+    with torch.no_grad():
+        err_loaded = (loaded(other) - compiled(other)).abs().max().item()
     print(
         f"compiled in {seconds:.1f} s on {dev}; max |compiled - masked dense| = {err:.2e} "
         f"(batch {args.batch}x{args.seq}), {err_other:.2e} (another shape, 3x50)"
+    )
+    print(
+        f"saved the plan to {plan_path}; loaded in {load_s:.2f} s "
+        f"(max |loaded - compiled| = {err_loaded:.2e})"
     )
     print(f"wrote {args.out}/report.json{plotted}")
 

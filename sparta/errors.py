@@ -63,3 +63,7 @@ class InputError(SpartaError, ValueError):
 
 class PlanError(SpartaError, ValueError):
     """The plan cannot be made as asked (e.g. an unknown backend name)."""
+
+
+class PlanFileError(SpartaError, ValueError):
+    """A saved plan that cannot be read, or that does not fit the model it is loaded for."""

@@ -209,16 +209,20 @@ def make_plan(
     backends: Iterable[str] | None,
     *,
     device_time: bool = False,
+    on_node: Callable[[str, int, int], None] | None = None,
 ) -> Plan:
     """Choose an implementation per linear (and attention matmul) node by measured latency;
-    ``device_time``: time candidates by device time (graph runtimes on CUDA)."""
+    ``device_time``: time candidates by device time (graph runtimes on CUDA); ``on_node(name,
+    i, total)`` is called before each linear node is measured (progress)."""
     forced = backends is not None
     backends = check_backends(backends, device, graph_runtime=device_time)
     linears = linear_nodes(p)
     layout = analyse(p.traced, p.result.masks, set(linears)) if "shrink" in backends else {}
     choices: dict[fx.Node, Choice] = {}
     failed: dict[str, list[tuple[str, BackendError]]] = {}  # family -> (node, error)
-    for n in linears:
+    for i, n in enumerate(linears):
+        if on_node is not None:
+            on_node(n.name, i, len(linears))
         choices[n] = _choose(p, n, layout, device, backends, device_time, failed)
     _warn_failed(failed)
     if forced:

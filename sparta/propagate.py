@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,11 +32,15 @@ class Propagated:
     given_nodes: dict[fx.Node, torch.Tensor]
     result: Propagation
     report: Report
+    patterns: dict[fx.Node, Pattern] = field(default_factory=dict)  # computed once, by the report
 
     def pattern_of(self, node: fx.Node) -> Pattern:
         """The pattern of a node's propagated mask (a given n:m or block pattern survives)."""
-        tesa = given_by_node(self.traced, self.given).get(node)
-        return surviving_pattern(tesa.pattern if tesa else None, self.result.masks[node])
+        if node not in self.patterns:
+            tesa = given_by_node(self.traced, self.given).get(node)
+            mask = self.result.masks[node]
+            self.patterns[node] = surviving_pattern(tesa.pattern if tesa else None, mask)
+        return self.patterns[node]
 
 
 def given_by_node(traced: Traced, given: Mapping[str, TeSA]) -> dict[fx.Node, TeSA]:
@@ -145,7 +149,9 @@ def build_report(
     result: Propagation,
     seconds: float,
     given: Mapping[str, TeSA] | None = None,
+    patterns: dict[fx.Node, Pattern] | None = None,
 ) -> Report:
+    """The report of a propagation; ``patterns`` (if given) receives each tensor's pattern."""
     names = tensor_names(traced)
     tesas = given_by_node(traced, given or {})
     tensors, masks = [], {}
@@ -154,6 +160,9 @@ def build_report(
         if not isinstance(m, torch.Tensor):
             continue
         masks[name] = m
+        pattern = surviving_pattern(tesas[n].pattern if n in tesas else None, m)
+        if patterns is not None:
+            patterns[n] = pattern
         g = given_nodes.get(n)
         tensors.append(
             TensorEntry(
@@ -162,7 +171,7 @@ def build_report(
                 shape=list(m.shape),
                 density_given=float(g.float().mean()) if g is not None and g.numel() else None,
                 density=float(m.float().mean()) if m.numel() else 1.0,
-                pattern=str(surviving_pattern(tesas[n].pattern if n in tesas else None, m)),
+                pattern=str(pattern),
                 aliases=traced.names.aliases(name) if kind == "parameter" else [],
             )
         )
@@ -205,18 +214,23 @@ def run_propagation(
     example_kwargs: Mapping[str, Any] | None = None,
     strict: bool = True,
     dynamic: bool = True,
+    on_traced: Callable[[], None] | None = None,
 ) -> Propagated:
     """Trace (with dynamic batch and sequence dims unless ``dynamic=False``), resolve the
-    attributes, propagate, report."""
+    attributes, propagate, report. ``on_traced()`` is called between tracing and propagating
+    (progress)."""
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     traced = trace(model, example_inputs, example_kwargs, dynamic=dynamic)
     given, given_nodes = resolve_attrs(traced, attrs)
+    if on_traced is not None:
+        on_traced()
     start = time.perf_counter()
     result = propagate_graph(traced, given_nodes, strict=strict)
     seconds = time.perf_counter() - start
-    report = build_report(traced, given_nodes, result, seconds, given)
-    return Propagated(traced, given, given_nodes, result, report)
+    patterns: dict[fx.Node, Pattern] = {}
+    report = build_report(traced, given_nodes, result, seconds, given, patterns)
+    return Propagated(traced, given, given_nodes, result, report, patterns)
 
 
 def propagate(

@@ -222,24 +222,3 @@ def elementwise(zeros: str, *arg_names: str) -> RuleFn:
 
     rule.__name__ = f"elementwise[{zeros}]"
     return rule
-
-
-def passthrough(arg: str = "self") -> RuleFn:
-    """Output has the input's shape and each element depends only on the same input element
-    and zero maps to zero (clone, contiguous, dropout in eval, to/type casts)."""
-
-    def rule(call: Call) -> Refined:
-        return refine(out=call.inputs[arg], **{arg: call.out})
-
-    rule.__name__ = "passthrough"
-    return rule
-
-
-def dense_output() -> RuleFn:
-    """Conservative default: outputs dense (nothing known), every input used."""
-
-    def rule(call: Call) -> Refined:
-        return Refined()
-
-    rule.__name__ = "conservative"
-    return rule

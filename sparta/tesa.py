@@ -70,14 +70,31 @@ class Pattern:
         )
 
 
+# Detection on large masks (activations) first checks a corner of the mask: every test below
+# holds on a corner (a prefix along some dims) whenever it holds on the whole mask, so a corner
+# that fails rejects the whole mask exactly, at the cost of the corner.
+CORNER = 128
+
+
+def _corner(mask: torch.Tensor, full: tuple[int, ...] = (), size: int = CORNER) -> torch.Tensor:
+    """The mask narrowed to its first ``size`` indices along every dim not in ``full``."""
+    for d in range(mask.dim()):
+        if d not in full and mask.shape[d] > size:
+            mask = mask.narrow(d, 0, size)
+    return mask
+
+
+def _slices_along(mask: torch.Tensor, d: int) -> bool:
+    others = [i for i in range(mask.dim()) if i != d]
+    return torch.equal(mask.any(dim=others, keepdim=True).expand_as(mask), mask)
+
+
 def _structured_dim(mask: torch.Tensor) -> int | None:
     """The dim along which the mask is all-or-nothing slices, or None."""
+    if mask.dim() < 2:
+        return None
     for d in range(mask.dim()):
-        others = [i for i in range(mask.dim()) if i != d]
-        if not others:
-            continue
-        kept = mask.any(dim=others, keepdim=True)
-        if torch.equal(kept.expand_as(mask), mask):
+        if _slices_along(_corner(mask, (d,), 8), d) and _slices_along(mask, d):
             return d
     return None
 
@@ -108,6 +125,15 @@ def _is_block(mask: torch.Tensor, bh: int, bw: int) -> bool:
     rows, cols = mask.shape[-2:]
     if rows < bh or cols < bw:
         return False
+    if mask.numel() > 4 * CORNER * CORNER and max(bh, bw) <= CORNER:
+        corner = _corner(mask.reshape(-1, rows, cols)[:1])
+        if not _block_exact(corner, bh, bw):
+            return False
+    return _block_exact(mask, bh, bw)
+
+
+def _block_exact(mask: torch.Tensor, bh: int, bw: int) -> bool:
+    rows, cols = mask.shape[-2:]
     kept = block_any(mask, bh, bw)
     full = kept.repeat_interleave(bh, dim=-2).repeat_interleave(bw, dim=-1)
     return torch.equal(full[..., :rows, :cols] & live_lines(mask), mask)
@@ -133,18 +159,27 @@ def _nm(mask: torch.Tensor) -> tuple[int, int] | None:
     exactly n where the group is whole (a shorter last group may keep fewer) — entirely pruned
     rows aside (units nobody reads, which propagation prunes on top of an n:m weight)."""
     k = mask.shape[-1]
+    flat = mask.reshape(-1, k) if mask.dim() >= 2 else mask
+    corner = _corner(flat, (1,), 32) if flat.dim() == 2 and flat.shape[0] > 64 else None
     for m in NM_GROUPS:
         if k < m:
             continue
-        counts = group_counts(mask, m)
-        loose = torch.zeros(counts.shape[-1], dtype=torch.bool)
-        loose[k // m :] = True
-        if mask.dim() >= 2:
-            loose = loose | ~mask.any(dim=-1, keepdim=True)
-        n = _nm_fit(counts, m, loose)
+        if corner is not None and _nm_n(corner, m) is None:
+            continue
+        n = _nm_n(flat, m)
         if n is not None:
             return n, m
     return None
+
+
+def _nm_n(mask: torch.Tensor, m: int) -> int | None:
+    k = mask.shape[-1]
+    counts = group_counts(mask, m)
+    loose = torch.zeros(counts.shape[-1], dtype=torch.bool)
+    loose[k // m :] = True
+    if mask.dim() >= 2:
+        loose = loose | ~mask.any(dim=-1, keepdim=True)
+    return _nm_fit(counts, m, loose)
 
 
 def detect_pattern(mask: torch.Tensor) -> Pattern:
@@ -161,7 +196,13 @@ def detect_pattern(mask: torch.Tensor) -> Pattern:
     if mask.dim() >= 2:
         # The block size whose kept blocks cover the least (pruned lines make larger blocks
         # fit too); ties go to the larger block.
-        fits = [b for b in BLOCK_SIZES if _is_block(mask, b, b)]
+        # Every kept (2b, 2b) block is four kept (b, b) blocks: a mask that is not blocks of b
+        # is no blocks of 2b either, so sizes are tried from the smallest and stop at a miss.
+        fits = []
+        for b in sorted(BLOCK_SIZES):
+            if not _is_block(mask, b, b):
+                break
+            fits.append(b)
         if fits:
             b = min(fits, key=lambda b: (int(block_any(mask, b, b).sum()) * b * b, -b))
             return Pattern("block", block=(b, b))

@@ -9,6 +9,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+# Each test compiles for itself (several inject faults into the planner): the plan cache is off
+# unless a test turns it on (tests/test_tools.py). The kernel cache stays on.
+os.environ.setdefault("SPARTA_CACHE", "0")
 
 
 @pytest.fixture(autouse=True)

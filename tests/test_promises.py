@@ -290,6 +290,10 @@ def test_demo_runs_as_a_module(tmp_path: Path) -> None:
     if (out / "density.png").exists():
         assert (out / "density.png").read_bytes()[:4] == b"\x89PNG"
     assert "weights kept" in done.stdout
+    assert "whole forward: dense" in done.stdout  # the measure table
+    loaded = re.search(r"loaded in (\S+) s \(max \|loaded - compiled\| = (\S+)\)", done.stdout)
+    assert loaded is not None and float(loaded.group(2)) < 1e-5, done.stdout[-2000:]
+    assert (out / "plan.sparta").stat().st_size > 0
 
 
 # ------------------------------------------------------------------ README's usage block

@@ -1,0 +1,173 @@
+"""The plan cache: a second ``sparta.compile`` of the same model, masks and options loads the
+saved plan of the first instead of tracing, propagating and measuring again.
+
+An entry is a saved plan (``sparta/saved.py``) in the kernel cache (``codegen/cache.py``:
+``$SPARTA_CACHE_DIR`` or ``~/.cache/sparta``, atomic writes, a lock per key), named by a key
+that hashes everything that determines the plan:
+
+- the model: its parameters' and buffers' names, shapes, dtypes and a digest of their values,
+  and its code and configuration — for every submodule its class, the source files of the
+  class and its bases, its plain attributes (numbers, strings, a ``config``) and
+  ``extra_repr`` — so that a hit needs no trace (the traced graph is a function of these);
+- the attributes (each mask's digest and pattern), the example inputs' shapes and dtypes;
+- the options (device, backends, mode, strict, measure) and library versions.
+
+``SPARTA_CACHE=0`` turns it off. An entry that cannot be read (truncated, another format, a
+graph that no longer resolves) is deleted and rebuilt, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .codegen.cache import cache_dir, cache_key, cached_file
+from .errors import SpartaError
+from .saved import load_checked, read, signature
+
+if TYPE_CHECKING:
+    from .compile import CompiledModel
+
+SUFFIX = ".sparta"
+_FILES: dict[tuple[str, float, int], str] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("SPARTA_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _file_digest(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "?"
+    memo = (path, st.st_mtime, st.st_size)
+    if memo not in _FILES:
+        with open(path, "rb") as f:
+            _FILES[memo] = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
+    return _FILES[memo]
+
+
+def _plain(v: Any) -> bool:
+    if isinstance(v, (bool, int, float, str, type(None))):
+        return True
+    return isinstance(v, (tuple, list)) and len(v) < 64 and all(_plain(x) for x in v)
+
+
+def _code(cls: type) -> list[str]:
+    out = []
+    for base in cls.__mro__:
+        if base in (torch.nn.Module, object):
+            break
+        try:
+            path = inspect.getsourcefile(base)
+        except TypeError:
+            path = None
+        out.append(f"{base.__module__}.{base.__qualname__}:{_file_digest(path) if path else '?'}")
+        top = sys.modules.get(base.__module__.split(".")[0])
+        out.append(str(getattr(top, "__version__", "")))
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module) -> list[str]:
+    """The model's code and configuration (see the module docstring); weights excluded."""
+    parts = []
+    for name, mod in model.named_modules():
+        attrs = sorted(
+            (k, repr(v)) for k, v in vars(mod).items() if not k.startswith("_") and _plain(v)
+        )
+        config = getattr(mod, "config", None)
+        parts += [name, *_code(type(mod)), repr(attrs), mod.extra_repr(), mod.training.__repr__()]
+        if config is not None:
+            parts.append(repr(config))
+    return parts
+
+
+def _input_spec(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"T{tuple(v.shape)}{v.dtype}{v.device}"
+    if isinstance(v, (tuple, list)):
+        return f"{type(v).__name__}[{','.join(_input_spec(x) for x in v)}]"
+    if isinstance(v, Mapping):
+        return "{" + ",".join(f"{k}:{_input_spec(x)}" for k, x in sorted(v.items())) + "}"
+    return repr(v)
+
+
+def _mask_digest(name: str, value: Any) -> str:
+    from .tesa import as_tesa
+
+    t = as_tesa(value, name)
+    data = t.mask.contiguous().view(torch.uint8).numpy().tobytes()
+    return f"{name}:{tuple(t.mask.shape)}:{t.pattern}:{hashlib.blake2b(data).hexdigest()}"
+
+
+def plan_key(
+    model: torch.nn.Module,
+    attrs: Mapping[str, Any],
+    example_inputs: tuple,
+    example_kwargs: Mapping[str, Any],
+    options: Mapping[str, Any],
+    sig: Mapping[str, Any],
+) -> str:
+    """The cache key of a compile (see the module docstring)."""
+    from . import __version__
+
+    return "plan-" + cache_key(
+        "plan",
+        __version__,
+        repr(sorted(sig["tensors"].items())),
+        sig["digest"],
+        *model_fingerprint(model),
+        *sorted(_mask_digest(k, v) for k, v in attrs.items()),
+        _input_spec(tuple(example_inputs)),
+        _input_spec(dict(example_kwargs)),
+        repr(sorted((k, repr(v)) for k, v in options.items())),
+    )
+
+
+def lookup(key: str, model: torch.nn.Module, sig: Mapping[str, Any]) -> CompiledModel | None:
+    """The cached compiled module of ``key``, or None; a corrupt entry is deleted (warning)."""
+    path = cache_dir() / f"{key}{SUFFIX}"
+    if not path.exists():
+        return None
+    try:
+        return load_checked(path, model, sig)
+    except Exception as e:  # noqa: BLE001  (any unreadable entry is rebuilt, never trusted)
+        warnings.warn(
+            f"sparta: the cached plan {path} could not be used ({type(e).__name__}: {e}); "
+            f"compiling again and replacing it.",
+            stacklevel=3,
+        )
+        path.unlink(missing_ok=True)
+        return None
+
+
+def store(key: str, compiled: CompiledModel) -> Path | None:
+    """Save ``compiled`` under ``key``; None (nothing cached) for plans a file cannot hold."""
+
+    def readable(path: Path) -> bool:
+        read(path)
+        return True
+
+    try:
+        return cached_file(key, SUFFIX, compiled.save, readable)
+    except SpartaError:
+        return None  # e.g. a 2:4 module or an SDDMM kernel: kept in memory only
+    except Exception as e:  # noqa: BLE001  (the compiled module is fine; only caching failed)
+        warnings.warn(
+            f"sparta: the plan could not be cached ({type(e).__name__}: {e}); the compiled "
+            f"module is unaffected, the next compile of this model starts afresh.",
+            stacklevel=3,
+        )
+        return None
+
+
+__all__ = ["enabled", "lookup", "plan_key", "signature", "store"]
