@@ -37,6 +37,8 @@ bench: $(STAMP)
 # tree instead, link sparta/propagation_rules, sparta/codegen and sparta/kernels in the copy to its
 # own folders: the editable install maps those packages to this checkout, so a mutant of the
 # copy's propagation_rules/ or codegen/ would otherwise never be imported (and always survive).
+# Kernels built by mutants go to a cache of their own (out/mutation/kernel-cache), never the
+# user's.
 #   make mutate MUTATE="emitter rules" SAMPLE=0.2
 MUTATE ?= emitter rules engine shrink plan kernels
 SAMPLE ?= 1.0
@@ -48,7 +50,8 @@ mutate: $(STAMP)
 	  $(CR) init bench/mutation/$$t.toml out/mutation/$$t.sqlite --force; \
 	  $(VENV)/bin/cr-filter-operators out/mutation/$$t.sqlite bench/mutation/$$t.toml; \
 	  $(PY) bench/mutation/sample.py out/mutation/$$t.sqlite $(SAMPLE); \
-	  nice -n 10 $(CR) exec bench/mutation/$$t.toml out/mutation/$$t.sqlite; \
+	  SPARTA_CACHE_DIR=$(CURDIR)/out/mutation/kernel-cache \
+	    nice -n 10 $(CR) exec bench/mutation/$$t.toml out/mutation/$$t.sqlite; \
 	done
 	$(PY) bench/mutation/summary.py $(MUTATE:%=out/mutation/%.sqlite) \
 	  --equivalent bench/mutation/equivalent.toml | tee out/mutation/summary.md

@@ -44,7 +44,8 @@ def _changed_lines(diff: str | None) -> str:
     if not diff:
         return "(no diff)"
     lines = [ln for ln in diff.splitlines() if ln[:1] in "-+" and ln[:3] not in ("---", "+++")]
-    return "<br>".join(f"`{ln.strip()}`" for ln in lines[:4])
+    cells = (ln.strip().replace("|", "\\|") for ln in lines[:4])  # a table cell: escape pipes
+    return "<br>".join(f"`{c}`" for c in cells)
 
 
 def main() -> None:
