@@ -6,10 +6,11 @@ One pass over the traced graph builds a new ``fx.Graph``:
 - a node the plan gives a generated kernel becomes one call of the kernel's ``torch.library``
   op (``codegen/op_call.py``: activations, packed tables as buffers, static config), absorbing
   the activation the kernel fuses;
-- a shrunk linear becomes a smaller ``aten.linear`` on compact values (``sparta/shrink.py``);
+- a shrunk linear or convolution becomes a smaller one on compact values (``sparta/shrink.py``);
   a compact value is expanded with zeros only where a consumer needs it full-size;
-- every other node is copied, with two rewrites: ops that name sizes are told the compact size
-  (``COMPACT_ARGS``, one entry per op), and a mask argument that value-range analysis proves
+- every other node is copied, with two rewrites: an op running on compact values gets the
+  rewrite of its compact-layout entry (``sparta/shrink_ops.py``: sizes it names, per-channel
+  parameters sliced, group counts), and a mask argument that value-range analysis proves
   has no effect on any run (``sparta/value_range.py``) is dropped (``DROPPABLE``), so e.g.
   ``scaled_dot_product_attention`` keeps its flash/cuDNN kernels when a model passes an
   all-True mask. The dead code that built such a mask goes with it.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ from .calls import bound_arguments
 from .errors import AttrError
 from .plan import MATMULS, Plan
 from .propagate import Propagated
-from .shrink import LINEAR, SDPA, VIEWS, Compact, expand, linear_keep
+from .shrink import CONVS, LINEAR, SDPA, conv_args, conv_shrink, expand, linear_keep
+from .shrink_ops import lookup_through
 from .value_range import all_true, all_zero, value_ranges
 
 
@@ -56,19 +57,6 @@ def _reduced(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _view_shape(args: tuple, kwargs: dict, c: Compact) -> tuple[tuple, dict]:
-    """A view/reshape of a compact value: its size along the compact dim is the kept count."""
-    shape = list(args[1])
-    if not (isinstance(shape[c.dim], int) and shape[c.dim] == -1):
-        shape[c.dim] = len(c.keep)
-    return (args[0], shape, *args[2:]), kwargs
-
-
-# How a compact value passes through ops whose arguments name sizes: op -> rewrite of its
-# (already mapped) arguments. Ops that only see the compact tensor need no entry.
-COMPACT_ARGS: dict[Any, Callable[[tuple, dict, Compact], tuple[tuple, dict]]] = {
-    v: _view_shape for v in VIEWS
-}
 # Mask arguments an op ignores when they are proven all-True (bool) or all-zero (additive).
 DROPPABLE: dict[Any, str] = {SDPA: "attn_mask"}
 
@@ -85,6 +73,7 @@ class Emitter:
         self.attr_count = 0
         self.skip: dict[fx.Node, fx.Node] = {}  # node absorbed into a kernel -> the kernel node
         self.notes: list[str] = []  # rewrites beyond the plan, for the report
+        self.slices: dict[tuple, fx.Node] = {}
         ex = p.traced.example
         consts = {n: v for n, v in ex.items() if n.op == "get_attr" and torch.is_tensor(v)}
         self.ranges = value_ranges(p.traced.gm, consts, self._dtype)
@@ -98,6 +87,31 @@ class Emitter:
         self.attr_count += 1
         self.root.register_buffer(name, value.detach().to(self.plan.device))
         return self.g.get_attr(name)
+
+    def value(self, n: Any) -> Any:
+        return self.p.traced.example.get(n)
+
+    def masked(self, n: fx.Node) -> torch.Tensor:
+        """A constant's example value with its propagated mask folded in."""
+        value, mask = self.p.traced.example[n], self.p.result.masks.get(n)
+        if isinstance(mask, torch.Tensor) and value.is_floating_point():
+            value = value * mask.to(value.device)
+        return value
+
+    def sliced(self, a: fx.Node, dim: int, keep: torch.Tensor) -> fx.Node:
+        """``a`` at the indices ``keep`` along ``dim``: a smaller buffer for a constant, an
+        ``index_select`` for a computed value."""
+        key = (a, dim, tuple(keep.tolist()))
+        if key not in self.slices:
+            if a.op == "get_attr":
+                v = self.masked(a).index_select(dim, keep.to(self.value(a).device))
+                self.slices[key] = self.attr(v, str(a.target))
+            else:
+                idx = self.attr(keep, "keep")
+                self.slices[key] = self.g.call_function(
+                    torch.ops.aten.index_select.default, (self.full(a), dim, idx)
+                )
+        return self.slices[key]
 
     def full(self, a: fx.Node) -> fx.Node:
         """The value of ``a`` at full size (expanding a compact value with zeros)."""
@@ -136,6 +150,8 @@ class Emitter:
                 self.env[n] = self._kernel(n)
             elif n.target is LINEAR and choice is not None and choice.impl == "shrink":
                 self.env[n] = self._shrunk_linear(n)
+            elif n.target in CONVS and choice is not None and choice.impl == "shrink":
+                self.env[n] = self._shrunk_conv(n)
             else:
                 self.env[n] = self._copy(n)
         # Same calling convention and output structure as the exported module.
@@ -204,15 +220,41 @@ class Emitter:
             node = self.g.call_function(expand, (node, out_dim, keep, masks[n].shape[-1]))
         return node
 
+    def _shrunk_conv(self, n: fx.Node) -> fx.Node:
+        """A smaller convolution: kept output channels (whole groups), compact input channels
+        if the input is compact, the group count rewritten."""
+        ex, masks = self.p.traced.example, self.p.result.masks
+        x_node = n.args[0]
+        in_c = self.layout.get(x_node)
+        s = conv_shrink(n, ex[x_node], masks[n], in_c)
+        b = conv_args(n)
+        x = self.env[x_node] if s.in_keep is not None else self.full(x_node)
+        b["input"] = x
+        b["weight"] = self.attr(s.weight(self.masked(n.args[1])), "w")
+        if isinstance(b.get("bias"), fx.Node):
+            bias = self.masked(b["bias"])
+            b["bias"] = self.attr(bias[s.out_keep.to(bias.device)], "b")
+        b["groups"] = s.groups
+        node = self.g.call_function(n.target, tuple(b.values()))
+        c = self.layout.get(n)
+        if c is None or not torch.equal(c.keep, s.out_keep):  # consumers need it full-size
+            keep = self.attr(s.out_keep, "keep")
+            node = self.g.call_function(expand, (node, 1, keep, masks[n].shape[1]))
+        return node
+
     def _copy(self, n: fx.Node) -> fx.Node:
         compact_ok = n in self.layout
         args = self.arg(n.args, compact_ok)
         kwargs = {k: self.arg(v, compact_ok) for k, v in n.kwargs.items()}
-        if compact_ok and n.target in COMPACT_ARGS:
-            args, kwargs = COMPACT_ARGS[n.target](args, kwargs, self.layout[n])
+        entry = lookup_through(n.target) if compact_ok else None
+        c = self.layout.get(n)
+        target = n.target
+        if entry is not None and entry.emit is not None and len(c.keep) < c.full:
+            args, kwargs = entry.emit(self, n, args, kwargs, c)
+            target = entry.op or target
         if n.target in DROPPABLE:
             args, kwargs = self._drop_proven(n, args, kwargs, DROPPABLE[n.target])
-        new = self.g.call_function(n.target, tuple(args), kwargs)
+        new = self.g.call_function(target, tuple(args), kwargs)
         new.meta = {k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")}
         return new
 

@@ -27,7 +27,7 @@ from .errors import BackendError, PlanError
 from .kernels import reference
 from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
-from .shrink import LINEAR, analyse, linear_keep
+from .shrink import CONVS, LINEAR, analyse, conv_args, conv_shrink, linear_keep
 from .tesa import block_any, detect_pattern
 from .timing import compare_ms
 
@@ -99,6 +99,21 @@ def linear_nodes(p: Propagated) -> list[fx.Node]:
         and n.target is LINEAR
         and n.args[1] in params
         and isinstance(p.traced.example.get(n), torch.Tensor)
+    ]
+
+
+def conv_nodes(p: Propagated) -> list[fx.Node]:
+    """Batched convolutions with a parameter weight: the ones shrinking may make smaller."""
+    params = set(p.traced.params.values())
+    ex = p.traced.example
+    return [
+        n
+        for n in p.traced.gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in CONVS
+        and n.args[1] in params
+        and isinstance(ex.get(n), torch.Tensor)
+        and ex[n].dim() == ex[n.args[1]].dim()
     ]
 
 
@@ -206,10 +221,17 @@ def make_plan(
     forced = backends is not None
     backends = check_backends(backends, device)
     linears = linear_nodes(p)
-    layout = analyse(p.traced, p.result.masks, set(linears)) if "shrink" in backends else {}
+    convs = conv_nodes(p) if "shrink" in backends else []
+    shrinkable = set(linears) | set(convs)
+    layout = analyse(p.traced, p.result.masks, shrinkable) if "shrink" in backends else {}
     choices: dict[fx.Node, Choice] = {}
-    for n in linears:
-        choices[n] = _choose(p, n, layout, device, backends, device_time)
+    for n in p.traced.gm.graph.nodes:  # in order: a conv sees its input's compact layout
+        if n in convs:
+            choice = _choose_conv(p, n, layout, device, backends, device_time)
+            if choice is not None:
+                choices[n] = choice
+        elif n in shrinkable:
+            choices[n] = _choose(p, n, layout, device, backends, device_time)
     if forced:
         _warn_unapplied(p, choices, backends, device)
     if "triton" in backends:
@@ -224,10 +246,32 @@ def make_plan(
 
             for group in swiglu_groups(p, linears):
                 choices.update(choose_swiglu(p, group, choices, device, device_time))
-    shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
-    layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
+    layout = _final_layout(p, choices)
     timer = "device" if device_time and device.type == "cuda" else "host"
     return Plan(choices, layout, device, backends, timer)
+
+
+def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
+    """The layout of the chosen shrunk nodes. A convolution that shrinks only with a compact
+    input (grouped, depthwise) turns dense when its input's producer was not shrunk."""
+    while True:
+        shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
+        layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
+        ex, masks = p.traced.example, p.result.masks
+        lost = [
+            n
+            for n in shrunk
+            if n.target in CONVS
+            and conv_shrink(n, ex[n.args[0]], masks[n], layout.get(n.args[0])) is None
+        ]
+        if not lost:
+            return layout
+        for n in lost:
+            c = choices[n]
+            choices[n] = Choice(
+                "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
+                "its input's producer runs dense, so its groups cannot shrink",
+            )  # fmt: skip
 
 
 def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -> Plan:
@@ -241,9 +285,7 @@ def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -
             "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
             f"{reason} (alone: {c.impl} {c.latency_ms:.4f} ms vs dense {c.dense_latency_ms:.4f})",
         )  # fmt: skip
-    shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
-    layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
-    return Plan(choices, layout, plan.device, plan.backends, plan.timer)
+    return Plan(choices, _final_layout(p, choices), plan.device, plan.backends, plan.timer)
 
 
 def dense_plan(plan: Plan) -> Plan:
@@ -330,6 +372,42 @@ def _choose(
         timings,
         _why(impl, timings, allowed, device_time),
     )
+
+
+def _choose_conv(
+    p: Propagated,
+    n: fx.Node,
+    layout: dict,
+    device: torch.device,
+    backends: tuple[str, ...],
+    device_time: bool,
+) -> Choice | None:
+    """Dense or shrunk (fewer channels, whole groups) for a convolution; None when nothing
+    shrinks."""
+    x = p.traced.example[n.args[0]].detach().to(device)
+    s = conv_shrink(n, x, p.result.masks[n], layout.get(n.args[0]))
+    if s is None:
+        return None
+    w, _, b = masked_weight(p, n, device)
+    args = conv_args(n)
+    dense_args = {**args, "input": x, "weight": w, "bias": b}
+    xs = x if s.in_keep is None else x.index_select(1, s.in_keep.to(device))
+    bs = None if b is None else b[s.out_keep.to(device)]
+    small = {**args, "input": xs, "weight": s.weight(w), "bias": bs, "groups": s.groups}
+    op = n.target
+    t = compare_ms(
+        {
+            "dense": lambda: op(*dense_args.values()),
+            "shrink": lambda: op(*small.values()),
+        },
+        device,
+        device_time=device_time,
+    )
+    allowed = {k: v for k, v in t.items() if k != "dense" or "dense" in backends}
+    impl = min(allowed, key=allowed.get)
+    if "shrink" in allowed and allowed["shrink"] <= SHRINK_TIE * allowed[impl]:
+        impl = "shrink"
+    return Choice(impl, t[impl], t["dense"], None, (), t, _why(impl, t, allowed, device_time))
 
 
 def _shrunk_call(p, n, layout, x, w, b, act_fn):

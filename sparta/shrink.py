@@ -1,53 +1,54 @@
 """Structured shrinking: which values can be computed *compact* along one dim.
 
-A value is compact along ``dim`` with kept indices ``keep`` when every index outside
-``keep`` is pruned in its propagated mask (zero or unused). Compact values flow through
-linear layers (smaller weights), zero-preserving elementwise ops, residual adds of equal
-layouts, head-splitting views and transposes, and scaled_dot_product_attention (a pruned
-head disappears). Anywhere else they are expanded back with zeros, which is exactly what
-applying the mask means, so the result equals the masked dense model.
+A value is compact along ``dim`` with kept indices ``keep`` when every index outside ``keep``
+is pruned in its propagated mask (zero or unused). Linears and convolutions the planner shrinks
+produce compact values (fewer output features/channels; grouped convolutions keep whole groups,
+with the group count rewritten) and consume them (fewer input features/channels). Between them
+a compact value flows through every op with an entry in ``sparta/shrink_ops.py`` (elementwise
+ops, norms, pooling, upsampling, pixel shuffle, PReLU, residual adds of equal layouts, cat and
+split, views and flattening, squeeze-excite gates, attention heads). Anywhere else it is
+expanded back with zeros, which is exactly what applying the mask means, so the result equals
+the masked dense model.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-aten = torch.ops.aten
+from .calls import bound_arguments
+from .shrink_ops import SPLITS, Compact, lookup_through
 
-# f(0) == 0 and elementwise in one input: compact in -> compact out.
-UNARY = {
-    aten.relu.default,
-    aten.gelu.default,
-    aten.silu.default,
-    aten.tanh.default,
-    aten.dropout.default,
-    aten.clone.default,
-    aten.contiguous.default,
-    aten.alias.default,
-    aten._to_copy.default,
-    aten.to.dtype,
-    aten.hardtanh.default,
-    aten.leaky_relu.default,
-    aten.neg.default,
-    aten.detach.default,
-}
-SCALAR_OPS = {aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar}
-VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+aten = torch.ops.aten
 LINEAR = aten.linear.default
 SDPA = aten.scaled_dot_product_attention.default
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# Convolutions: op -> transposed (weight (Cin, Cout/G, k...)) or not (weight (Cout, Cin/G, k...)).
+CONVS: dict[Any, bool] = {
+    op: False
+    for op in (
+        aten.conv1d.default,
+        aten.conv2d.default,
+        aten.conv3d.default,
+        aten.conv1d.padding,
+        aten.conv2d.padding,
+        aten.conv3d.padding,
+    )
+}
+CONVS.update(
+    {
+        aten.conv_transpose1d.default: True,
+        aten.conv_transpose2d.input: True,
+        aten.conv_transpose3d.input: True,
+        aten.convolution.default: False,  # "transposed" is an argument
+    }
+)
 
-
-@dataclass(frozen=True)
-class Compact:
-    dim: int  # non-negative
-    keep: torch.Tensor  # sorted int64 indices kept along dim
-    full: int  # size of the dim when expanded
-
-    def same(self, other: Compact | None) -> bool:
-        return other is not None and self.dim == other.dim and torch.equal(self.keep, other.keep)
+__all__ = ["Compact", "analyse", "expand", "linear_keep", "conv_shrink", "ConvShrink"]
 
 
 def feature_keep(mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -74,78 +75,121 @@ def linear_keep(mask: torch.Tensor) -> torch.Tensor:
     return torch.sort(torch.cat([keep, pad])).values
 
 
-def _value(traced, n):
-    return traced.example.get(n)
+def _whole(groups: torch.Tensor, per: int) -> torch.Tensor:
+    return (groups[:, None] * per + torch.arange(per)).flatten()
+
+
+@dataclass(frozen=True)
+class ConvShrink:
+    """A shrunk convolution: input channels read (None = all), output channels computed, and
+    the group count of the smaller convolution."""
+
+    in_keep: torch.Tensor | None
+    out_keep: torch.Tensor
+    groups: int
+    transposed: bool
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:  # (Cout, Cin/G, k...)
+            w = w[self.out_keep.to(w.device)]
+            if self.groups == 1 and self.in_keep is not None:
+                w = w[:, self.in_keep.to(w.device)]
+            return w
+        if self.in_keep is not None:  # (Cin, Cout/G, k...): whole groups when grouped
+            w = w[self.in_keep.to(w.device)]
+        return w[:, self.out_keep.to(w.device)] if self.groups == 1 else w
+
+
+def conv_args(n: fx.Node) -> dict[str, Any]:
+    return bound_arguments(n.target, n.args, n.kwargs)
+
+
+def conv_shrink(
+    n: fx.Node, x: torch.Tensor, out_mask: torch.Tensor, in_c: Compact | None
+) -> ConvShrink | None:
+    """What a convolution computes when shrunk, or None when nothing shrinks. Grouped and
+    depthwise convolutions keep whole groups, and only with a compact input made of whole
+    groups (the groups it drops are pruned); their group count is rewritten."""
+    b = conv_args(n)
+    groups = int(b["groups"])
+    transposed = CONVS[n.target] or bool(b.get("transposed", False))
+    if out_mask.dim() != x.dim() or x.dim() < 3:
+        return None  # unbatched
+    cout, cin = out_mask.shape[1], x.shape[1]
+    in_c = in_c if in_c is not None and in_c.dim == 1 else None
+    kept = feature_keep(out_mask, 1)
+    if groups == 1:
+        out_keep = kept if len(kept) else torch.zeros(1, dtype=torch.long)
+        in_keep = in_c.keep if in_c is not None else None
+        if len(out_keep) == cout and in_keep is None:
+            return None
+        return ConvShrink(in_keep, out_keep, 1, transposed)
+    og, ig = cout // groups, cin // groups
+    if in_c is None:
+        return None
+    gin = torch.unique(in_c.keep // ig)
+    if not torch.equal(_whole(gin, ig), in_c.keep) or not torch.isin(kept // og, gin).all():
+        return None
+    return ConvShrink(in_c.keep, _whole(gin, og), len(gin), transposed)
+
+
+class Analysis:
+    """The running state of ``analyse``: example values, masks, layouts found so far."""
+
+    def __init__(self, traced, masks: dict, shrinkable: set[fx.Node]) -> None:
+        self.traced, self.masks, self.shrinkable = traced, masks, shrinkable
+        self.layout: dict[fx.Node, Compact] = {}
+
+    def value(self, n: Any) -> Any:
+        return self.traced.example.get(n)
 
 
 def analyse(traced, masks: dict, shrinkable: set[fx.Node]) -> dict[fx.Node, Compact]:
-    """Layout of every value that can stay compact. ``shrinkable``: linear nodes allowed to
-    produce or consume compact values (the planner removes those that measured slower)."""
-    layout: dict[fx.Node, Compact] = {}
+    """Layout of every value that can stay compact. ``shrinkable``: linear and convolution
+    nodes allowed to produce or consume compact values (the planner removes those that
+    measured slower)."""
+    a = Analysis(traced, masks, shrinkable)
     for n in traced.gm.graph.nodes:
-        v = _value(traced, n)
-        if n.op != "call_function" or not isinstance(v, torch.Tensor) or v.dim() == 0:
+        v = a.value(n)
+        if n.op != "call_function":
             continue
-        c = _layout_of(traced, n, v, masks, layout, shrinkable)
+        if n.target in SPLITS:
+            c = _through(a, n, v)
+            if c is not None:
+                a.layout[n] = c
+            continue
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            continue
+        c = _layout_of(a, n, v)
         if c is not None and len(c.keep) < c.full:
-            layout[n] = c
-        elif c is not None and any(isinstance(a, fx.Node) and a in layout for a in n.args):
-            layout[n] = c  # full-size but fed by compact inputs: keep the chain uniform
-    return layout
+            a.layout[n] = c
+        elif c is not None and any(isinstance(x, fx.Node) and x in a.layout for x in n.args):
+            a.layout[n] = c  # full-size but fed by compact inputs: keep the chain uniform
+    return a.layout
 
 
-def _layout_of(traced, n, v, masks, layout, shrinkable) -> Compact | None:
+def _layout_of(a: Analysis, n: fx.Node, v: torch.Tensor) -> Compact | None:
     t = n.target
-    args = n.args
-    if t is LINEAR and n in shrinkable:
-        return Compact(v.dim() - 1, linear_keep(masks[n]), v.shape[-1])
-    src = args[0] if args and isinstance(args[0], fx.Node) else None
-    c = layout.get(src)
-    if c is None:
+    if t is LINEAR and n in a.shrinkable:
+        return Compact(v.dim() - 1, linear_keep(a.masks[n]), v.shape[-1])
+    if t in CONVS and n in a.shrinkable:
+        s = conv_shrink(n, a.value(n.args[0]), a.masks[n], a.layout.get(n.args[0]))
+        return None if s is None else Compact(1, s.out_keep, v.shape[1])
+    return _through(a, n, v)
+
+
+def _through(a: Analysis, n: fx.Node, v: Any) -> Compact | None:
+    entry = lookup_through(n.target)
+    if entry is None:
         return None
-    if t in UNARY:
+    c = entry.layout(a, n, v)
+    if c is None or n.target is operator.getitem or not isinstance(v, torch.Tensor):
         return c
-    if t in SCALAR_OPS and not isinstance(args[1], fx.Node):
-        return c
-    if t is aten.add.Tensor and isinstance(args[1], fx.Node) and c.same(layout.get(args[1])):
-        return c
-    if t is aten.transpose.int:
-        d0, d1 = (d % v.dim() for d in args[1:3])
-        return Compact({d0: d1, d1: d0}.get(c.dim, c.dim), c.keep, c.full)
-    if t is aten.permute.default:
-        perm = [d % v.dim() for d in args[1]]
-        return Compact(perm.index(c.dim), c.keep, c.full)
-    if t in VIEWS:
-        return _view_layout(_value(traced, src), v, c)
-    if t is SDPA:
-        q, k, vv = args[:3]
-        attn_mask = n.kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-        mask_ok = attn_mask is None or (
-            attn_mask not in layout and _broadcasts_over_heads(_value(traced, attn_mask))
-        )
-        if c.same(layout.get(k)) and c.same(layout.get(vv)) and c.dim == v.dim() - 3 and mask_ok:
-            return c
-    return None
-
-
-def _broadcasts_over_heads(mask: torch.Tensor) -> bool:
-    """An attention mask of shape (..., [H,] L, S) that is the same for every head."""
-    return mask.dim() < 3 or mask.shape[-3] == 1
-
-
-def _view_layout(src: torch.Tensor, out: torch.Tensor, c: Compact) -> Compact | None:
-    """(.., H*D) -> (.., H, D) splits a compact feature dim into whole heads; the reverse merges."""
-    s, o = list(src.shape), list(out.shape)
-    if c.dim == len(s) - 1 and len(o) == len(s) + 1 and o[:-2] == s[:-1] and o[-2] * o[-1] == s[-1]:
-        d = o[-1]
-        heads = torch.unique(c.keep // d)
-        whole = (heads[:, None] * d + torch.arange(d)).flatten()
-        if torch.equal(whole, c.keep):
-            return Compact(len(o) - 2, heads, o[-2])
-    if c.dim == len(s) - 2 and len(o) == len(s) - 1 and o[:-1] == s[:-2] and o[-1] == s[-2] * s[-1]:
-        d = s[-1]
-        return Compact(len(o) - 1, (c.keep[:, None] * d + torch.arange(d)).flatten(), o[-1])
-    return None
+    mask = a.masks.get(n)
+    if not isinstance(mask, torch.Tensor) or mask.shape != v.shape:
+        return None
+    # The invariant that makes the layout exact: every dropped index is pruned.
+    return c if bool(torch.isin(feature_keep(mask, c.dim), c.keep).all()) else None
 
 
 def expand(x: torch.Tensor, dim: int, keep: torch.Tensor, full: int) -> torch.Tensor:
