@@ -228,7 +228,15 @@ class Emitter:
         in_c = self.layout.get(x_node)
         s = conv_shrink(n, ex[x_node], masks[n], in_c)
         b = conv_args(n)
-        x = self.env[x_node] if s.in_keep is not None else self.full(x_node)
+        if in_c is not None and in_c.dim == 1:
+            x = self.env[x_node]
+            if s.regroup is not None:
+                regroup = self.attr(s.regroup, "regroup")
+                x = self.g.call_function(expand, (x, 1, regroup, len(s.in_keep)))
+        elif s.in_keep is not None:
+            x = self.sliced(x_node, 1, s.in_keep)
+        else:
+            x = self.full(x_node)
         b["input"] = x
         b["weight"] = self.attr(s.weight(self.masked(n.args[1])), "w")
         if isinstance(b.get("bias"), fx.Node):

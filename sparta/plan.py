@@ -252,8 +252,8 @@ def make_plan(
 
 
 def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
-    """The layout of the chosen shrunk nodes. A convolution that shrinks only with a compact
-    input (grouped, depthwise) turns dense when its input's producer was not shrunk."""
+    """The layout of the chosen shrunk nodes. A convolution left with nothing to shrink once
+    its input's producer runs dense turns dense too."""
     while True:
         shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
         layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
@@ -270,7 +270,7 @@ def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
             c = choices[n]
             choices[n] = Choice(
                 "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
-                "its input's producer runs dense, so its groups cannot shrink",
+                "nothing left to shrink: its input's producer runs dense",
             )  # fmt: skip
 
 
@@ -385,20 +385,23 @@ def _choose_conv(
     """Dense or shrunk (fewer channels, whole groups) for a convolution; None when nothing
     shrinks."""
     x = p.traced.example[n.args[0]].detach().to(device)
-    s = conv_shrink(n, x, p.result.masks[n], layout.get(n.args[0]))
+    in_c = layout.get(n.args[0])
+    in_c = in_c if in_c is not None and in_c.dim == 1 else None
+    s = conv_shrink(n, x, p.result.masks[n], in_c)
     if s is None:
         return None
     w, _, b = masked_weight(p, n, device)
     args = conv_args(n)
     dense_args = {**args, "input": x, "weight": w, "bias": b}
-    xs = x if s.in_keep is None else x.index_select(1, s.in_keep.to(device))
+    xc = x if in_c is None else x.index_select(1, in_c.keep.to(device))
+    xs = s.compact_input(xc, in_c)
     bs = None if b is None else b[s.out_keep.to(device)]
     small = {**args, "input": xs, "weight": s.weight(w), "bias": bs, "groups": s.groups}
     op = n.target
     t = compare_ms(
         {
             "dense": lambda: op(*dense_args.values()),
-            "shrink": lambda: op(*small.values()),
+            "shrink": lambda: op(s.compact_input(xc, in_c), *list(small.values())[1:]),
         },
         device,
         device_time=device_time,

@@ -81,13 +81,16 @@ def _whole(groups: torch.Tensor, per: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ConvShrink:
-    """A shrunk convolution: input channels read (None = all), output channels computed, and
-    the group count of the smaller convolution."""
+    """A shrunk convolution: the input channels it reads (None = all), the output channels it
+    computes, its group count, and, for a compact input that misses channels of the whole
+    groups it reads, where the compact channels go among them (``regroup``; the rest are
+    zero-filled: they are pruned)."""
 
     in_keep: torch.Tensor | None
     out_keep: torch.Tensor
     groups: int
     transposed: bool
+    regroup: torch.Tensor | None = None
 
     def weight(self, w: torch.Tensor) -> torch.Tensor:
         if not self.transposed:  # (Cout, Cin/G, k...)
@@ -99,6 +102,14 @@ class ConvShrink:
             w = w[self.in_keep.to(w.device)]
         return w[:, self.out_keep.to(w.device)] if self.groups == 1 else w
 
+    def compact_input(self, x: torch.Tensor, in_c: Compact | None) -> torch.Tensor:
+        """The input this convolution reads, from the full (``in_c`` None) or compact ``x``."""
+        if in_c is None:
+            return x if self.in_keep is None else x.index_select(1, self.in_keep.to(x.device))
+        if self.regroup is None:
+            return x
+        return expand(x, 1, self.regroup, len(self.in_keep))
+
 
 def conv_args(n: fx.Node) -> dict[str, Any]:
     return bound_arguments(n.target, n.args, n.kwargs)
@@ -108,8 +119,8 @@ def conv_shrink(
     n: fx.Node, x: torch.Tensor, out_mask: torch.Tensor, in_c: Compact | None
 ) -> ConvShrink | None:
     """What a convolution computes when shrunk, or None when nothing shrinks. Grouped and
-    depthwise convolutions keep whole groups, and only with a compact input made of whole
-    groups (the groups it drops are pruned); their group count is rewritten."""
+    depthwise convolutions keep whole groups (those with a kept output channel or a kept input
+    channel) and get their group count rewritten."""
     b = conv_args(n)
     groups = int(b["groups"])
     transposed = CONVS[n.target] or bool(b.get("transposed", False))
@@ -125,12 +136,17 @@ def conv_shrink(
             return None
         return ConvShrink(in_keep, out_keep, 1, transposed)
     og, ig = cout // groups, cin // groups
-    if in_c is None:
+    gs = kept // og if in_c is None else torch.cat([kept // og, in_c.keep // ig])
+    gs = torch.unique(gs)
+    if len(gs) == 0:
+        gs = torch.zeros(1, dtype=torch.long)
+    if len(gs) == groups and in_c is None:
         return None
-    gin = torch.unique(in_c.keep // ig)
-    if not torch.equal(_whole(gin, ig), in_c.keep) or not torch.isin(kept // og, gin).all():
-        return None
-    return ConvShrink(in_c.keep, _whole(gin, og), len(gin), transposed)
+    in_keep = _whole(gs, ig)
+    regroup = None
+    if in_c is not None and not torch.equal(in_keep, in_c.keep):
+        regroup = torch.searchsorted(in_keep, in_c.keep)
+    return ConvShrink(in_keep, _whole(gs, og), len(gs), transposed, regroup)
 
 
 class Analysis:

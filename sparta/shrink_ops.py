@@ -416,9 +416,7 @@ def piece_layout(a, n: fx.Node) -> Compact | None:
     return Compact(dim, c.keep[sel] - off, sizes[i])
 
 
-register_through(*SPLITS, emit=_split_emit, op_compact=aten.split_with_sizes.default)(
-    _split_layout
-)
+register_through(*SPLITS, emit=_split_emit, op_compact=aten.split_with_sizes.default)(_split_layout)
 register_through(operator.getitem)(lambda a, n, v: piece_layout(a, n))
 
 
