@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .emit import Emitter
+from .emit import Emitter, pruned_module
 from .plan import Plan, back_off, dense_plan, make_plan
 from .propagate import Attrs, Propagated, run_propagation
 from .report import Report
@@ -64,6 +64,10 @@ class CompiledModel(torch.nn.Module):
             if torch.compiler.is_compiling():
                 return self.graph_module(*args, **kwargs)
             return self.__dict__["_run"](*args, **kwargs)
+
+    def export_pruned(self) -> torch.nn.Module:
+        """The shrunk dense model, trainable (``sparta.emit.pruned_module``)."""
+        return pruned_module(self.graph_module, self.plan)
 
 
 def _device_of(model: torch.nn.Module, example_inputs: tuple) -> torch.device:

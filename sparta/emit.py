@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from .calls import bound_arguments
-from .errors import AttrError
+from .errors import AttrError, PlanError
 from .plan import MATMULS, Plan
 from .propagate import Propagated
 from .shrink import CONVS, LINEAR, SDPA, conv_args, conv_shrink, expand, linear_keep
@@ -46,6 +46,30 @@ def apply_input_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Te
             f"{tuple(mask.shape)} does not broadcast to; compile again with an example of this "
             f"shape, or give a mask that is constant along the batch dims."
         ) from None
+
+
+def pruned_module(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """A trainable copy of a compiled graph whose nodes all run dense or shrunk: its floating
+    point constants become ``nn.Parameter`` s (so ``sum(p.numel() for p in m.parameters())``
+    counts what is left after shrinking), index tables stay buffers. It runs without sparta
+    (ATen ops and ``sparta.shrink.expand`` only), so it can be fine-tuned or handed on.
+
+    Raises:
+        PlanError: the plan uses generated kernels; compile with ``backends=["dense", "shrink"]``
+        to get the shrunk dense model.
+    """
+    kernels = sorted({c.impl for c in plan.choices.values()} - {"dense", "shrink"})
+    if kernels:
+        raise PlanError(
+            f"export_pruned needs a graph of dense and shrunk ops, this plan uses {kernels}: "
+            f"compile again with backends=['dense', 'shrink'] to export the shrunk model."
+        )
+    out = copy.deepcopy(gm)
+    for name, buf in list(out.named_buffers(recurse=False)):
+        if buf.is_floating_point():
+            delattr(out, name)
+            out.register_parameter(name, torch.nn.Parameter(buf.clone()))
+    return out
 
 
 def _reduced(mask: torch.Tensor) -> torch.Tensor:

@@ -255,3 +255,18 @@ def test_unpruned_convolutions_run_dense_and_the_graph_keeps_its_shapes() -> Non
     m = Chain(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     compiled = check(m, {}, (3, 7, 7), [(8, 3, 3, 3), (4, 8, 3, 3)])
     assert not compiled.plan.sparse()
+
+
+def test_export_pruned_is_a_smaller_trainable_module_computing_the_same() -> None:
+    m = FlattenHead()
+    attrs = channel_attrs(m, {"conv": ch(8, [0, 3, 5])})
+    compiled = check(m, attrs, (3, 6, 6))
+    small = compiled.export_pruned()
+    assert not isinstance(small, sparta.CompiledModel)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small == 5 * 27 + 5 + 5 * 16 * 5 + 5
+    assert n_small < sum(p.numel() for p in m.parameters())
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(small(x), sparta.masked_model(m, attrs)(x), atol=1e-5, rtol=1e-5)
+    small(x).sum().backward()
+    assert all(p.grad is not None for p in small.parameters())
