@@ -31,7 +31,18 @@ from .calls import bound_arguments
 from .errors import AttrError, PlanError
 from .plan import MATMULS, Plan
 from .propagate import Propagated
-from .shrink import CONVS, LINEAR, SDPA, conv_args, conv_shrink, expand, linear_keep
+from .shrink import (
+    CONVS,
+    LINEAR,
+    SDPA,
+    conv_args,
+    conv_fill_bias,
+    conv_rows,
+    conv_shrink,
+    expand,
+    linear_out_keep,
+    unit_fill,
+)
 from .shrink_ops import lookup_through
 from .value_range import all_true, all_zero, value_ranges
 
@@ -143,8 +154,10 @@ class Emitter:
         if c is None or len(c.keep) == c.full:
             return self.env[a]
         if a not in self.expanded:
-            keep = self.attr(c.keep, "keep")
-            self.expanded[a] = self.g.call_function(expand, (self.env[a], c.dim, keep, c.full))
+            args = (self.env[a], c.dim, self.attr(c.keep, "keep"), c.full)
+            if c.fill is not None:
+                args += (self.attr(c.fill, "fill"),)
+            self.expanded[a] = self.g.call_function(expand, args)
         return self.expanded[a]
 
     def arg(self, a: Any, compact_ok: bool) -> Any:
@@ -229,20 +242,33 @@ class Emitter:
         ex, masks = self.p.traced.example, self.p.result.masks
         w = ex[n.args[1]] * masks[n.args[1]].to(ex[n.args[1]].device)
         out_dim = masks[n].dim() - 1
-        keep_out = linear_keep(masks[n]).to(w.device)
+        keep_out = linear_out_keep(masks, n).to(w.device)
         src = self.layout.get(n.args[0])
         x_compact = src is not None and src.dim == ex[n.args[0]].dim() - 1
-        w = w[keep_out][:, src.keep.to(w.device)] if x_compact else w[keep_out]
-        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w")]
+        w = w[keep_out]
         b_node = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-        if isinstance(b_node, fx.Node):
-            b = ex[b_node] * masks[b_node].to(w.device)
-            args.append(self.attr(b[keep_out], "b"))
+        b = self.masked(b_node)[keep_out] if isinstance(b_node, fx.Node) else None
+        if x_compact and src.fill is not None:  # constant input features fold into the bias
+            f = src.fill.to(w.device, w.dtype).clone()
+            f[src.keep.to(w.device)] = 0
+            b = w @ f if b is None else b + w @ f
+        if x_compact:
+            w = w[:, src.keep.to(w.device)]
+        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w")]
+        if b is not None:
+            args.append(self.attr(b, "b"))
         node = self.g.call_function(LINEAR, tuple(args))
         if n not in self.layout:  # consumers need it full-size: expand right here
-            keep = self.attr(keep_out, "keep")
-            node = self.g.call_function(expand, (node, out_dim, keep, masks[n].shape[-1]))
+            node = self._expand(node, out_dim, keep_out, masks[n].shape[-1], n)
         return node
+
+    def _expand(self, node: fx.Node, dim: int, keep: torch.Tensor, full: int, n: fx.Node):
+        """A shrunk linear/conv's output at full size, its constant units filled in."""
+        fill = unit_fill(self.p.traced.example, self.p.result.masks, n, keep)
+        args = (node, dim, self.attr(keep, "keep"), full)
+        if fill is not None:
+            args += (self.attr(fill, "fill"),)
+        return self.g.call_function(expand, args)
 
     def _shrunk_conv(self, n: fx.Node) -> fx.Node:
         """A smaller convolution: kept output channels (whole groups), compact input channels
@@ -250,9 +276,9 @@ class Emitter:
         ex, masks = self.p.traced.example, self.p.result.masks
         x_node = n.args[0]
         in_c = self.layout.get(x_node)
-        s = conv_shrink(n, ex[x_node], masks[n], in_c)
+        s = conv_shrink(n, ex[x_node], masks[n], in_c, conv_rows(masks, n))
         b = conv_args(n)
-        if in_c is not None and in_c.dim == 1:
+        if s.reads_compact:
             x = self.env[x_node]
             if s.regroup is not None:
                 regroup = self.attr(s.regroup, "regroup")
@@ -262,16 +288,19 @@ class Emitter:
         else:
             x = self.full(x_node)
         b["input"] = x
-        b["weight"] = self.attr(s.weight(self.masked(n.args[1])), "w")
-        if isinstance(b.get("bias"), fx.Node):
-            bias = self.masked(b["bias"])
-            b["bias"] = self.attr(bias[s.out_keep.to(bias.device)], "b")
+        w = self.masked(n.args[1])
+        bias = self.masked(b["bias"]) if isinstance(b.get("bias"), fx.Node) else None
+        bias = None if bias is None else bias[s.out_keep.to(bias.device)]
+        if s.reads_compact and in_c.fill is not None:  # constant channels fold into the bias
+            add = conv_fill_bias(w[s.out_keep.to(w.device)], in_c.fill, in_c.keep)
+            bias = add if bias is None else bias + add
+        b["weight"] = self.attr(s.weight(w), "w")
+        b["bias"] = None if bias is None else self.attr(bias, "b")
         b["groups"] = s.groups
         node = self.g.call_function(n.target, tuple(b.values()))
         c = self.layout.get(n)
         if c is None or not torch.equal(c.keep, s.out_keep):  # consumers need it full-size
-            keep = self.attr(s.out_keep, "keep")
-            node = self.g.call_function(expand, (node, 1, keep, masks[n].shape[1]))
+            node = self._expand(node, 1, s.out_keep, masks[n].shape[1], n)
         return node
 
     def _copy(self, n: fx.Node) -> fx.Node:

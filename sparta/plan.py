@@ -27,7 +27,7 @@ from .errors import BackendError, PlanError
 from .kernels import reference
 from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
-from .shrink import CONVS, LINEAR, analyse, conv_args, conv_shrink, linear_keep
+from .shrink import CONVS, LINEAR, analyse, conv_args, conv_rows, conv_shrink, linear_out_keep
 from .tesa import block_any, detect_pattern
 from .timing import compare_ms
 
@@ -262,7 +262,8 @@ def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
             n
             for n in shrunk
             if n.target in CONVS
-            and conv_shrink(n, ex[n.args[0]], masks[n], layout.get(n.args[0])) is None
+            and conv_shrink(n, ex[n.args[0]], masks[n], layout.get(n.args[0]), conv_rows(masks, n))
+            is None
         ]
         if not lost:
             return layout
@@ -387,13 +388,13 @@ def _choose_conv(
     x = p.traced.example[n.args[0]].detach().to(device)
     in_c = layout.get(n.args[0])
     in_c = in_c if in_c is not None and in_c.dim == 1 else None
-    s = conv_shrink(n, x, p.result.masks[n], in_c)
+    s = conv_shrink(n, x, p.result.masks[n], in_c, conv_rows(p.result.masks, n))
     if s is None:
         return None
     w, _, b = masked_weight(p, n, device)
     args = conv_args(n)
     dense_args = {**args, "input": x, "weight": w, "bias": b}
-    xc = x if in_c is None else x.index_select(1, in_c.keep.to(device))
+    xc = x.index_select(1, in_c.keep.to(device)) if s.reads_compact else x
     xs = s.compact_input(xc, in_c)
     bs = None if b is None else b[s.out_keep.to(device)]
     small = {**args, "input": xs, "weight": s.weight(w), "bias": bs, "groups": s.groups}
@@ -416,7 +417,7 @@ def _choose_conv(
 def _shrunk_call(p, n, layout, x, w, b, act_fn):
     """The smaller dense linear of a shrunk node, timed on compact inputs; None if nothing to
     shrink."""
-    out_keep = linear_keep(p.result.masks[n]).to(x.device)
+    out_keep = linear_out_keep(p.result.masks, n).to(x.device)
     src = layout.get(n.args[0])
     narrower = src is not None and src.dim == x.dim() - 1 and len(src.keep) < src.full
     in_keep = src.keep.to(x.device) if narrower else None

@@ -37,6 +37,10 @@ class Compact:
     dim: int  # non-negative
     keep: torch.Tensor
     full: int
+    # The values of the dropped indices when some are constants rather than zeros (a unit whose
+    # weights are pruned but whose bias is kept, and what follows it): a float vector of size
+    # ``full``, read at the dropped indices only. None = all dropped values are zero.
+    fill: torch.Tensor | None = None
 
     def same(self, other: Compact | None) -> bool:
         return other is not None and self.dim == other.dim and torch.equal(self.keep, other.keep)
@@ -413,7 +417,8 @@ def piece_layout(a, n: fx.Node) -> Compact | None:
         return c
     off = sum(sizes[:i])
     sel = (c.keep >= off) & (c.keep < off + sizes[i])
-    return Compact(dim, c.keep[sel] - off, sizes[i])
+    fill = None if c.fill is None else c.fill[off : off + sizes[i]]
+    return Compact(dim, c.keep[sel] - off, sizes[i], fill)
 
 
 register_through(*SPLITS, emit=_split_emit, op_compact=aten.split_with_sizes.default)(_split_layout)
