@@ -183,7 +183,7 @@ class Emitter:
                 continue  # export's shape guards: the compiled graph re-checks nothing it needs
             elif choice is not None and choice.impl == "fused":
                 continue  # computed inside another node's kernel (which absorbs its user)
-            elif choice is not None and choice.impl not in ("dense", "shrink"):
+            elif choice is not None and choice.impl not in ("dense", "shrink"):  # kernels
                 self.env[n] = self._kernel(n)
             elif n.target is LINEAR and choice is not None and choice.impl == "shrink":
                 self.env[n] = self._shrunk_linear(n)
@@ -226,6 +226,8 @@ class Emitter:
             self.skip[absorbed] = n
         operands = n.args[:2] if n.target in MATMULS else n.args[:1]
         acts = tuple(self.full(a) for a in operands)
+        if choice.reads_compact:
+            acts = (self.env[n.args[0]],)
         module = choice.module
         if not hasattr(module, "op_call"):  # a module that is not a registered op (2:4 weights)
             name = f"kernel_{n.name}"
@@ -235,7 +237,12 @@ class Emitter:
         tables = tuple(
             None if t is None else self.attr(t, f"{n.name}.{name}") for name, t in call.tables
         )
-        return self.g.call_function(call.op, acts + tables, dict(call.static))
+        node = self.g.call_function(call.op, acts + tables, dict(call.static))
+        if choice.shrunk and n not in self.layout:  # consumers need it full-size
+            masks = self.p.result.masks
+            keep = linear_out_keep(masks, n)
+            node = self._expand(node, masks[n].dim() - 1, keep, masks[n].shape[-1], n)
+        return node
 
     def _shrunk_linear(self, n: fx.Node) -> fx.Node:
         """A smaller linear: kept output features only, compact input features if compact."""

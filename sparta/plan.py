@@ -28,7 +28,7 @@ from .kernels import reference
 from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
 from .shrink import CONVS, LINEAR, analyse, conv_args, conv_rows, conv_shrink, linear_out_keep
-from .tesa import block_any, detect_pattern
+from .tesa import block_any, detect_pattern, surviving_pattern
 from .timing import compare_ms
 
 FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu", "sparse_cpu")
@@ -56,6 +56,14 @@ class Choice:
     fused: tuple[fx.Node, ...] = ()  # nodes folded into the kernel (its activation)
     candidates: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    # "shrink+<family>": the kernel runs on the shrunk weight; whether it reads the compact
+    # input (else the full one).
+    reads_compact: bool = False
+
+    @property
+    def shrunk(self) -> bool:
+        """Computes only the kept units (``shrink``, or a kernel on the shrunk weight)."""
+        return self.impl == "shrink" or self.impl.startswith("shrink+")
 
     @property
     def saving_ms(self) -> float:
@@ -255,7 +263,7 @@ def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
     """The layout of the chosen shrunk nodes. A convolution left with nothing to shrink once
     its input's producer runs dense turns dense too."""
     while True:
-        shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
+        shrunk = {n for n, c in choices.items() if c.shrunk}
         layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
         ex, masks = p.traced.example, p.result.masks
         lost = [
@@ -353,6 +361,28 @@ def _choose(
         candidates[family] = (
             (lambda c=call: c(x)) if fused[family] else (lambda c=call: act_fn(c(x)))
         )
+    reads_compact = False
+    shrunk = _shrunk_operands(p, n, layout, x, w, wm, b) if "shrink" in backends else None
+    for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
+        if shrunk is None or pattern is None or family not in backends:
+            continue
+        xs, ws, wms, bs, reads_compact, spat = shrunk
+        builder = _builder(family, spat, device)
+        if builder is None or (family == "triton" and not skips_tiles(wms)):
+            continue
+        key = f"shrink+{family}"
+        fused[key] = act in FUSES[family]
+        own = act if fused[key] else None
+        try:
+            mod = builder(ws, wms, bs, own, node=n.name, tokens=xs.numel() // xs.shape[-1])
+        except BackendError as e:
+            warnings.warn(f"sparta: {family} cannot implement shrunk {n.name}: {e}", stacklevel=2)
+            continue
+        modules[key] = mod
+        call = mod.op_call() if hasattr(mod, "op_call") else mod
+        candidates[key] = (
+            (lambda c=call, xs=xs: c(xs)) if fused[key] else (lambda c=call, xs=xs: act_fn(c(xs)))
+        )
     timings = compare_ms(candidates, device, device_time=device_time)
     dense_ms = timings["dense"]
     allowed = {k: v for k, v in timings.items() if k != "dense" or "dense" in backends}
@@ -372,7 +402,30 @@ def _choose(
         absorbed,
         timings,
         _why(impl, timings, allowed, device_time),
+        reads_compact and impl.startswith("shrink+"),
     )
+
+
+def _shrunk_operands(p: Propagated, n: fx.Node, layout: dict, x, w, wm, b):
+    """The operands of a kernel on the shrunk weight of linear ``n``: (input, weight, weight
+    mask, bias, reads the compact input, pattern), or None when nothing shrinks. Dropping
+    output rows keeps any n:m/block pattern; dropping input columns too is done only where the
+    pattern survives it, else the kernel reads the full input."""
+    out_keep = linear_out_keep(p.result.masks, n).to(x.device)
+    src = layout.get(n.args[0])
+    narrower = src is not None and src.dim == x.dim() - 1 and len(src.keep) < src.full
+    if len(out_keep) == w.shape[0] and not narrower:
+        return None
+    given = p.pattern_of(n.args[1])
+    ws, wms = w[out_keep], wm[out_keep]
+    bs = b[out_keep] if b is not None else None
+    if narrower and src.fill is None:
+        keep = src.keep.to(x.device)
+        pat = surviving_pattern(given, wms[:, keep])
+        if pat.kind == given.kind:
+            xs = x.index_select(-1, keep)
+            return xs, ws[:, keep], wms[:, keep], bs, True, pat
+    return x, ws, wms, bs, False, surviving_pattern(given, wms)
 
 
 def _choose_conv(

@@ -1,24 +1,27 @@
-"""Constant units: weights pruned, bias kept. Their outputs are constants, carried by the compact
-layout and folded into the next linear's / unpadded convolution's bias (exact to 1e-6)."""
+"""Constant units (weights pruned, bias kept): carried by the compact layout and folded into the
+next linear's / unpadded convolution's bias (exact to 1e-6); shrunk weights keeping their n:m
+pattern for the sparse kernels."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_shrink_channels import compiled_weights, randomize_norms
 from torch import nn
 from torch.nn.utils import prune
 
 import sparta
+from sparta.codegen import nm_cpu
 from sparta.sparsify import masks_from
 
 BATCHES = (1, 3, 4)
 
 
-def check(model, attrs, shape):
+def check(model, attrs, shape, backends=("shrink",)):
     torch.manual_seed(0)
     model = randomize_norms(model)
     compiled = sparta.compile(
-        model, attrs, (torch.randn(2, *shape),), backends=["shrink"], measure=False
+        model, attrs, (torch.randn(2, *shape),), backends=list(backends), measure=False
     )
     ref = sparta.masked_model(model, attrs)
     for b in BATCHES:
@@ -77,3 +80,37 @@ def test_ln_structured_pruned_model_shrinks() -> None:
     attrs = masks_from(m)
     compiled = check(m, attrs, (3, 6, 6))
     assert compiled_weights(compiled) == [(8, 3, 3, 3), (12, 8, 1, 1), (10, 12 * 16)]
+
+
+def nm_rows_mask(shape, pruned_rows, n=1, m=4, seed=0) -> torch.Tensor:
+    """n:m along the input dim (at most n kept of every m), plus whole pruned rows."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(shape, generator=g).reshape(shape[0], -1, m)
+    top = scores.topk(n, dim=-1).indices
+    mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True).reshape(shape)
+    mask[list(pruned_rows)] = False
+    return mask
+
+
+@pytest.mark.skipif(not nm_cpu.available(), reason="no C++ compiler")
+def test_what_remains_after_shrinking_keeps_its_nm_pattern_and_runs_nm_cpu(monkeypatch) -> None:
+    import sparta.plan as sp
+
+    def fake(fns, dev, **kw):  # the shrunk n:m kernel measures fastest
+        return {k: 0.5 if k.startswith("shrink+") else 1.0 for k in fns}
+
+    monkeypatch.setattr(sp, "compare_ms", fake)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    units = [i for i in range(64) if i // 4 % 2 == 0]  # whole groups of 4 of fc2's columns
+    attrs = {
+        "0.weight": nm_rows_mask((64, 64), units),
+        "0.bias": rows(64, units),
+        "2.weight": nm_rows_mask((32, 64), [], n=2, m=4, seed=1),
+    }
+    compiled = check(m, attrs, (64,), backends=("shrink", "nm_cpu"))
+    impls = [c.impl for c in compiled.plan.choices.values()]
+    assert impls[:2] == ["shrink+nm_cpu", "shrink+nm_cpu"]
+    assert all(c.reads_compact for c in list(compiled.plan.choices.values())[1:2])
+    code = compiled.graph_module.code
+    assert code.count("torch.ops.sparta.nm_linear") == 2 and "shrink_expand" not in code
+    assert "in_features = 32, out_features = 32" in code  # fc2 reads the 32 kept units, still 2:4
