@@ -60,9 +60,10 @@ def apply_input_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Te
 
 
 def pruned_module(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
-    """A trainable copy of a compiled graph whose nodes all run dense or shrunk: its floating
-    point constants become ``nn.Parameter`` s (so ``sum(p.numel() for p in m.parameters())``
-    counts what is left after shrinking), index tables stay buffers. It runs without sparta
+    """A trainable copy of a compiled graph whose nodes all run dense or shrunk: the constants
+    holding model parameters become ``nn.Parameter`` s (so ``sum(p.numel() for p in
+    m.parameters())`` counts what is left after shrinking); buffers (BatchNorm statistics),
+    index tables and constant fills stay buffers. It runs without sparta
     (ATen ops and ``sparta.shrink.expand`` only), so it can be fine-tuned or handed on.
 
     Raises:
@@ -76,8 +77,9 @@ def pruned_module(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             f"compile again with backends=['dense', 'shrink'] to export the shrunk model."
         )
     out = copy.deepcopy(gm)
+    params = set(gm.meta.get("sparta_parameters", ()))
     for name, buf in list(out.named_buffers(recurse=False)):
-        if buf.is_floating_point():
+        if name in params and buf.is_floating_point():
             delattr(out, name)
             out.register_parameter(name, torch.nn.Parameter(buf.clone()))
     return out
@@ -109,6 +111,8 @@ class Emitter:
         self.skip: dict[fx.Node, fx.Node] = {}  # node absorbed into a kernel -> the kernel node
         self.notes: list[str] = []  # rewrites beyond the plan, for the report
         self.slices: dict[tuple, fx.Node] = {}
+        self.param_attrs: set[str] = set()  # constants that hold model parameters
+        self.params = set(p.traced.params.values())
         ex = p.traced.example
         consts = {n: v for n, v in ex.items() if n.op == "get_attr" and torch.is_tensor(v)}
         self.ranges = value_ranges(p.traced.gm, consts, self._dtype)
@@ -117,9 +121,12 @@ class Emitter:
         v = self.p.traced.example.get(n)
         return v.dtype if isinstance(v, torch.Tensor) else None
 
-    def attr(self, value: torch.Tensor, hint: str) -> fx.Node:
+    def attr(self, value: torch.Tensor, hint: str, param: bool = False) -> fx.Node:
+        """A constant of the compiled graph; ``param``: it holds (part of) a model parameter."""
         name = f"{hint.replace('.', '_')}_{self.attr_count}"
         self.attr_count += 1
+        if param:
+            self.param_attrs.add(name)
         self.root.register_buffer(name, value.detach().to(self.plan.device))
         return self.g.get_attr(name)
 
@@ -140,7 +147,7 @@ class Emitter:
         if key not in self.slices:
             if a.op == "get_attr":
                 v = self.masked(a).index_select(dim, keep.to(self.value(a).device))
-                self.slices[key] = self.attr(v, str(a.target))
+                self.slices[key] = self.attr(v, str(a.target), a in self.params)
             else:
                 idx = self.attr(keep, "keep")
                 self.slices[key] = self.g.call_function(
@@ -197,7 +204,9 @@ class Emitter:
             self.g._codegen = copy.deepcopy(traced.gm.graph._codegen)
         gm = fx.GraphModule(self.root, self.g)
         gm.graph.eliminate_dead_code()  # drops replaced weights and masks proven useless
-        return fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
+        gm = fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
+        gm.meta["sparta_parameters"] = sorted(self.param_attrs)
+        return gm
 
     def _placeholder(self, n: fx.Node) -> fx.Node:
         ph = self.g.placeholder(n.name)
@@ -218,7 +227,7 @@ class Emitter:
         mask = self.p.result.masks.get(n)
         if isinstance(mask, torch.Tensor) and value.is_floating_point() and not bool(mask.all()):
             value = value * mask.to(value.device)
-        return self.attr(value, str(n.target))
+        return self.attr(value, str(n.target), n in self.params)
 
     def _kernel(self, n: fx.Node) -> fx.Node:
         choice = self.plan.choices[n]
@@ -261,9 +270,9 @@ class Emitter:
             b = w @ f if b is None else b + w @ f
         if x_compact:
             w = w[:, src.keep.to(w.device)]
-        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w")]
+        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w", True)]
         if b is not None:
-            args.append(self.attr(b, "b"))
+            args.append(self.attr(b, "b", True))
         node = self.g.call_function(LINEAR, tuple(args))
         if n not in self.layout:  # consumers need it full-size: expand right here
             node = self._expand(node, out_dim, keep_out, masks[n].shape[-1], n)
@@ -301,8 +310,8 @@ class Emitter:
         if s.reads_compact and in_c.fill is not None:  # constant channels fold into the bias
             add = conv_fill_bias(w[s.out_keep.to(w.device)], in_c.fill, in_c.keep)
             bias = add if bias is None else bias + add
-        b["weight"] = self.attr(s.weight(w), "w")
-        b["bias"] = None if bias is None else self.attr(bias, "b")
+        b["weight"] = self.attr(s.weight(w), "w", True)
+        b["bias"] = None if bias is None else self.attr(bias, "b", True)
         b["groups"] = s.groups
         node = self.g.call_function(n.target, tuple(b.values()))
         c = self.layout.get(n)
