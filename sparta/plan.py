@@ -422,10 +422,17 @@ def _shrunk_operands(p: Propagated, n: fx.Node, layout: dict, x, w, wm, b):
     if narrower and src.fill is None:
         keep = src.keep.to(x.device)
         pat = surviving_pattern(given, wms[:, keep])
-        if pat.kind == given.kind:
+        if pat.kind in STRUCTURED:
+            return None  # what is left after shrinking is dense: plain shrink covers it
+        if pat.kind == given.kind or given.kind not in ("nm", "block"):
             xs = x.index_select(-1, keep)
             return xs, ws[:, keep], wms[:, keep], bs, True, pat
-    return x, ws, wms, bs, False, surviving_pattern(given, wms)
+    pat = surviving_pattern(given, wms)
+    return None if pat.kind in STRUCTURED else (x, ws, wms, bs, False, pat)
+
+
+# Patterns whose pruned elements shrinking removes entirely.
+STRUCTURED = ("dense", "empty", "row", "column", "channel")
 
 
 def _choose_conv(
