@@ -59,6 +59,7 @@ class Choice:
     # "shrink+<family>": the kernel runs on the shrunk weight; whether it reads the compact
     # input (else the full one).
     reads_compact: bool = False
+    in_keep: torch.Tensor | None = None  # the compact input it was built for
 
     @property
     def shrunk(self) -> bool:
@@ -259,9 +260,15 @@ def make_plan(
     return Plan(choices, layout, device, backends, timer)
 
 
+def _same_input(c, keep: torch.Tensor) -> bool:
+    """Whether a kernel built for the compact input ``keep`` still gets exactly that."""
+    return c is not None and c.fill is None and torch.equal(c.keep, keep)
+
+
 def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
-    """The layout of the chosen shrunk nodes. A convolution left with nothing to shrink once
-    its input's producer runs dense turns dense too."""
+    """The layout of the chosen shrunk nodes. A convolution left with nothing to shrink, or a
+    kernel built for a compact input that is no longer compact, once its input's producer runs
+    dense, turns dense too."""
     while True:
         shrunk = {n for n, c in choices.items() if c.shrunk}
         layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
@@ -272,6 +279,8 @@ def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
             if n.target in CONVS
             and conv_shrink(n, ex[n.args[0]], masks[n], layout.get(n.args[0]), conv_rows(masks, n))
             is None
+            or choices[n].reads_compact
+            and not _same_input(layout.get(n.args[0]), choices[n].in_keep)
         ]
         if not lost:
             return layout
@@ -279,7 +288,8 @@ def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
             c = choices[n]
             choices[n] = Choice(
                 "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
-                "nothing left to shrink: its input's producer runs dense",
+                "its input's producer runs dense: nothing left to shrink, or not the input "
+                "its kernel was built for",
             )  # fmt: skip
 
 
@@ -394,6 +404,7 @@ def _choose(
         # and full layouts along a chain costs gathers/scatters that no single node's timing sees.
         impl = "shrink"
     absorbed = (act_node,) if impl in modules and fused[impl] and act_node is not None else ()
+    compact_in = reads_compact and impl.startswith("shrink+")
     return Choice(
         impl,
         timings[impl],
@@ -402,7 +413,8 @@ def _choose(
         absorbed,
         timings,
         _why(impl, timings, allowed, device_time),
-        reads_compact and impl.startswith("shrink+"),
+        compact_in,
+        layout[n.args[0]].keep if compact_in else None,
     )
 
 

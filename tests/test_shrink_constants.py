@@ -114,3 +114,28 @@ def test_what_remains_after_shrinking_keeps_its_nm_pattern_and_runs_nm_cpu(monke
     code = compiled.graph_module.code
     assert code.count("torch.ops.sparta.nm_linear") == 2 and "shrink_expand" not in code
     assert "in_features = 32, out_features = 32" in code  # fc2 reads the 32 kept units, still 2:4
+
+
+@pytest.mark.skipif(not nm_cpu.available(), reason="no C++ compiler")
+def test_a_kernel_built_for_a_compact_input_turns_dense_when_its_producer_does(
+    monkeypatch,
+) -> None:
+    """fc1 measures dense, fc2's kernel was built for fc1's compact output: it must not run."""
+    import sparta.plan as sp
+
+    winners = iter(["dense", "shrink+nm_cpu", "dense"])
+
+    def fake(fns, dev, **kw):
+        w = next(winners)
+        return {k: 0.5 if k == w else 1.0 for k in fns}
+
+    monkeypatch.setattr(sp, "compare_ms", fake)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    units = [i for i in range(64) if i // 4 % 2 == 0]
+    attrs = {
+        "0.weight": nm_rows_mask((64, 64), units),
+        "0.bias": rows(64, units),
+        "2.weight": nm_rows_mask((32, 64), [], n=2, m=4, seed=1),
+    }
+    compiled = check(m, attrs, (64,), backends=("dense", "shrink", "nm_cpu"))
+    assert [c.impl for c in compiled.plan.choices.values()][:2] == ["dense", "dense"]
