@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import plan_cache
-from .emit import Emitter
+from .emit import Emitter, pruned_module
 from .errors import InputError, TrainModeError
 from .plan import Plan, back_off, dense_plan, make_plan
 from .progress import Progress
@@ -119,6 +119,10 @@ class CompiledModel(torch.nn.Module):
                 return self.graph_module(*args, **kwargs)
             self.input_signature.check(args, kwargs)
             return self.__dict__["_run"](*args, **kwargs)
+
+    def export_pruned(self) -> torch.nn.Module:
+        """The shrunk dense model, trainable (``sparta.emit.pruned_module``)."""
+        return pruned_module(self.graph_module, self.plan)
 
 
 # Modules whose result depends on ``training`` (the rest of torch.nn computes the same in both).

@@ -6,10 +6,11 @@ One pass over the traced graph builds a new ``fx.Graph``:
 - a node the plan gives a generated kernel becomes one call of the kernel's ``torch.library``
   op (``codegen/op_call.py``: activations, packed tables as buffers, static config), absorbing
   the activation the kernel fuses;
-- a shrunk linear becomes a smaller ``aten.linear`` on compact values (``sparta/shrink.py``);
+- a shrunk linear or convolution becomes a smaller one on compact values (``sparta/shrink.py``);
   a compact value is expanded with zeros only where a consumer needs it full-size;
-- every other node is copied, with two rewrites: ops that name sizes are told the compact size
-  (``COMPACT_ARGS``, one entry per op), and a mask argument that value-range analysis proves
+- every other node is copied, with two rewrites: an op running on compact values gets the
+  rewrite of its compact-layout entry (``sparta/shrink_ops.py``: sizes it names, per-channel
+  parameters sliced, group counts), and a mask argument that value-range analysis proves
   has no effect on any run (``sparta/value_range.py``) is dropped (``DROPPABLE``), so e.g.
   ``scaled_dot_product_attention`` keeps its flash/cuDNN kernels when a model passes an
   all-True mask. The dead code that built such a mask goes with it.
@@ -21,17 +22,28 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from .calls import bound_arguments
-from .errors import AttrError
+from .errors import AttrError, PlanError
 from .plan import MATMULS, Plan
 from .propagate import Propagated
-from .shrink import LINEAR, SDPA, VIEWS, Compact, expand, linear_keep
+from .shrink import (
+    CONVS,
+    LINEAR,
+    SDPA,
+    conv_args,
+    conv_fill_bias,
+    conv_rows,
+    conv_shrink,
+    expand,
+    linear_out_keep,
+    unit_fill,
+)
+from .shrink_ops import lookup_through
 from .value_range import all_true, all_zero, value_ranges
 
 
@@ -47,6 +59,32 @@ def apply_input_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Te
         ) from None
 
 
+def pruned_module(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
+    """A trainable copy of a compiled graph whose nodes all run dense or shrunk: the constants
+    holding model parameters become ``nn.Parameter`` s (so ``sum(p.numel() for p in
+    m.parameters())`` counts what is left after shrinking); buffers (BatchNorm statistics),
+    index tables and constant fills stay buffers. It runs without sparta
+    (ATen ops and ``sparta.shrink.expand`` only), so it can be fine-tuned or handed on.
+
+    Raises:
+        PlanError: the plan uses generated kernels; compile with ``backends=["dense", "shrink"]``
+        to get the shrunk dense model.
+    """
+    kernels = sorted({c.impl for c in plan.choices.values()} - {"dense", "shrink"})
+    if kernels:
+        raise PlanError(
+            f"export_pruned needs a graph of dense and shrunk ops, this plan uses {kernels}: "
+            f"compile again with backends=['dense', 'shrink'] to export the shrunk model."
+        )
+    out = copy.deepcopy(gm)
+    params = set(gm.meta.get("sparta_parameters", ()))
+    for name, buf in list(out.named_buffers(recurse=False)):
+        if name in params and buf.is_floating_point():
+            delattr(out, name)
+            out.register_parameter(name, torch.nn.Parameter(buf.clone()))
+    return out
+
+
 def _reduced(mask: torch.Tensor) -> torch.Tensor:
     """Collapse dims along which the mask is constant, so other batch sizes still work."""
     for d in range(mask.dim()):
@@ -56,19 +94,6 @@ def _reduced(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _view_shape(args: tuple, kwargs: dict, c: Compact) -> tuple[tuple, dict]:
-    """A view/reshape of a compact value: its size along the compact dim is the kept count."""
-    shape = list(args[1])
-    if not (isinstance(shape[c.dim], int) and shape[c.dim] == -1):
-        shape[c.dim] = len(c.keep)
-    return (args[0], shape, *args[2:]), kwargs
-
-
-# How a compact value passes through ops whose arguments name sizes: op -> rewrite of its
-# (already mapped) arguments. Ops that only see the compact tensor need no entry.
-COMPACT_ARGS: dict[Any, Callable[[tuple, dict, Compact], tuple[tuple, dict]]] = {
-    v: _view_shape for v in VIEWS
-}
 # Mask arguments an op ignores when they are proven all-True (bool) or all-zero (additive).
 DROPPABLE: dict[Any, str] = {SDPA: "attn_mask"}
 
@@ -85,6 +110,9 @@ class Emitter:
         self.attr_count = 0
         self.skip: dict[fx.Node, fx.Node] = {}  # node absorbed into a kernel -> the kernel node
         self.notes: list[str] = []  # rewrites beyond the plan, for the report
+        self.slices: dict[tuple, fx.Node] = {}
+        self.param_attrs: set[str] = set()  # constants that hold model parameters
+        self.params = set(p.traced.params.values())
         ex = p.traced.example
         consts = {n: v for n, v in ex.items() if n.op == "get_attr" and torch.is_tensor(v)}
         self.ranges = value_ranges(p.traced.gm, consts, self._dtype)
@@ -93,11 +121,39 @@ class Emitter:
         v = self.p.traced.example.get(n)
         return v.dtype if isinstance(v, torch.Tensor) else None
 
-    def attr(self, value: torch.Tensor, hint: str) -> fx.Node:
+    def attr(self, value: torch.Tensor, hint: str, param: bool = False) -> fx.Node:
+        """A constant of the compiled graph; ``param``: it holds (part of) a model parameter."""
         name = f"{hint.replace('.', '_')}_{self.attr_count}"
         self.attr_count += 1
+        if param:
+            self.param_attrs.add(name)
         self.root.register_buffer(name, value.detach().to(self.plan.device))
         return self.g.get_attr(name)
+
+    def value(self, n: Any) -> Any:
+        return self.p.traced.example.get(n)
+
+    def masked(self, n: fx.Node) -> torch.Tensor:
+        """A constant's example value with its propagated mask folded in."""
+        value, mask = self.p.traced.example[n], self.p.result.masks.get(n)
+        if isinstance(mask, torch.Tensor) and value.is_floating_point():
+            value = value * mask.to(value.device)
+        return value
+
+    def sliced(self, a: fx.Node, dim: int, keep: torch.Tensor) -> fx.Node:
+        """``a`` at the indices ``keep`` along ``dim``: a smaller buffer for a constant, an
+        ``index_select`` for a computed value."""
+        key = (a, dim, tuple(keep.tolist()))
+        if key not in self.slices:
+            if a.op == "get_attr":
+                v = self.masked(a).index_select(dim, keep.to(self.value(a).device))
+                self.slices[key] = self.attr(v, str(a.target), a in self.params)
+            else:
+                idx = self.attr(keep, "keep")
+                self.slices[key] = self.g.call_function(
+                    torch.ops.aten.index_select.default, (self.full(a), dim, idx)
+                )
+        return self.slices[key]
 
     def full(self, a: fx.Node) -> fx.Node:
         """The value of ``a`` at full size (expanding a compact value with zeros)."""
@@ -105,8 +161,10 @@ class Emitter:
         if c is None or len(c.keep) == c.full:
             return self.env[a]
         if a not in self.expanded:
-            keep = self.attr(c.keep, "keep")
-            self.expanded[a] = self.g.call_function(expand, (self.env[a], c.dim, keep, c.full))
+            args = (self.env[a], c.dim, self.attr(c.keep, "keep"), c.full)
+            if c.fill is not None:
+                args += (self.attr(c.fill, "fill"),)
+            self.expanded[a] = self.g.call_function(expand, args)
         return self.expanded[a]
 
     def arg(self, a: Any, compact_ok: bool) -> Any:
@@ -132,10 +190,12 @@ class Emitter:
                 continue  # export's shape guards: the compiled graph re-checks nothing it needs
             elif choice is not None and choice.impl == "fused":
                 continue  # computed inside another node's kernel (which absorbs its user)
-            elif choice is not None and choice.impl not in ("dense", "shrink"):
+            elif choice is not None and choice.impl not in ("dense", "shrink"):  # kernels
                 self.env[n] = self._kernel(n)
             elif n.target is LINEAR and choice is not None and choice.impl == "shrink":
                 self.env[n] = self._shrunk_linear(n)
+            elif n.target in CONVS and choice is not None and choice.impl == "shrink":
+                self.env[n] = self._shrunk_conv(n)
             else:
                 self.env[n] = self._copy(n)
         # Same calling convention and output structure as the exported module.
@@ -144,7 +204,9 @@ class Emitter:
             self.g._codegen = copy.deepcopy(traced.gm.graph._codegen)
         gm = fx.GraphModule(self.root, self.g)
         gm.graph.eliminate_dead_code()  # drops replaced weights and masks proven useless
-        return fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
+        gm = fx.GraphModule(self.root, gm.graph)  # keeps only the attributes still used
+        gm.meta["sparta_parameters"] = sorted(self.param_attrs)
+        return gm
 
     def _placeholder(self, n: fx.Node) -> fx.Node:
         ph = self.g.placeholder(n.name)
@@ -165,7 +227,7 @@ class Emitter:
         mask = self.p.result.masks.get(n)
         if isinstance(mask, torch.Tensor) and value.is_floating_point() and not bool(mask.all()):
             value = value * mask.to(value.device)
-        return self.attr(value, str(n.target))
+        return self.attr(value, str(n.target), n in self.params)
 
     def _kernel(self, n: fx.Node) -> fx.Node:
         choice = self.plan.choices[n]
@@ -173,6 +235,8 @@ class Emitter:
             self.skip[absorbed] = n
         operands = n.args[:2] if n.target in MATMULS else n.args[:1]
         acts = tuple(self.full(a) for a in operands)
+        if choice.reads_compact:
+            acts = (self.env[n.args[0]],)
         module = choice.module
         if not hasattr(module, "op_call"):  # a module that is not a registered op (2:4 weights)
             name = f"kernel_{n.name}"
@@ -182,37 +246,92 @@ class Emitter:
         tables = tuple(
             None if t is None else self.attr(t, f"{n.name}.{name}") for name, t in call.tables
         )
-        return self.g.call_function(call.op, acts + tables, dict(call.static))
+        node = self.g.call_function(call.op, acts + tables, dict(call.static))
+        if choice.shrunk and n not in self.layout:  # consumers need it full-size
+            masks = self.p.result.masks
+            keep = linear_out_keep(masks, n)
+            node = self._expand(node, masks[n].dim() - 1, keep, masks[n].shape[-1], n)
+        return node
 
     def _shrunk_linear(self, n: fx.Node) -> fx.Node:
         """A smaller linear: kept output features only, compact input features if compact."""
         ex, masks = self.p.traced.example, self.p.result.masks
         w = ex[n.args[1]] * masks[n.args[1]].to(ex[n.args[1]].device)
         out_dim = masks[n].dim() - 1
-        keep_out = linear_keep(masks[n]).to(w.device)
+        keep_out = linear_out_keep(masks, n).to(w.device)
         src = self.layout.get(n.args[0])
         x_compact = src is not None and src.dim == ex[n.args[0]].dim() - 1
-        w = w[keep_out][:, src.keep.to(w.device)] if x_compact else w[keep_out]
-        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w")]
+        w = w[keep_out]
         b_node = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
-        if isinstance(b_node, fx.Node):
-            b = ex[b_node] * masks[b_node].to(w.device)
-            args.append(self.attr(b[keep_out], "b"))
+        b = self.masked(b_node)[keep_out] if isinstance(b_node, fx.Node) else None
+        if x_compact and src.fill is not None:  # constant input features fold into the bias
+            f = src.fill.to(w.device, w.dtype).clone()
+            f[src.keep.to(w.device)] = 0
+            b = w @ f if b is None else b + w @ f
+        if x_compact:
+            w = w[:, src.keep.to(w.device)]
+        args = [self.env[n.args[0]] if x_compact else self.full(n.args[0]), self.attr(w, "w", True)]
+        if b is not None:
+            args.append(self.attr(b, "b", True))
         node = self.g.call_function(LINEAR, tuple(args))
         if n not in self.layout:  # consumers need it full-size: expand right here
-            keep = self.attr(keep_out, "keep")
-            node = self.g.call_function(expand, (node, out_dim, keep, masks[n].shape[-1]))
+            node = self._expand(node, out_dim, keep_out, masks[n].shape[-1], n)
+        return node
+
+    def _expand(self, node: fx.Node, dim: int, keep: torch.Tensor, full: int, n: fx.Node):
+        """A shrunk linear/conv's output at full size, its constant units filled in."""
+        fill = unit_fill(self.p.traced.example, self.p.result.masks, n, keep)
+        args = (node, dim, self.attr(keep, "keep"), full)
+        if fill is not None:
+            args += (self.attr(fill, "fill"),)
+        return self.g.call_function(expand, args)
+
+    def _shrunk_conv(self, n: fx.Node) -> fx.Node:
+        """A smaller convolution: kept output channels (whole groups), compact input channels
+        if the input is compact, the group count rewritten."""
+        ex, masks = self.p.traced.example, self.p.result.masks
+        x_node = n.args[0]
+        in_c = self.layout.get(x_node)
+        s = conv_shrink(n, ex[x_node], masks[n], in_c, conv_rows(masks, n))
+        b = conv_args(n)
+        if s.reads_compact:
+            x = self.env[x_node]
+            if s.regroup is not None:
+                regroup = self.attr(s.regroup, "regroup")
+                x = self.g.call_function(expand, (x, 1, regroup, len(s.in_keep)))
+        elif s.in_keep is not None:
+            x = self.sliced(x_node, 1, s.in_keep)
+        else:
+            x = self.full(x_node)
+        b["input"] = x
+        w = self.masked(n.args[1])
+        bias = self.masked(b["bias"]) if isinstance(b.get("bias"), fx.Node) else None
+        bias = None if bias is None else bias[s.out_keep.to(bias.device)]
+        if s.reads_compact and in_c.fill is not None:  # constant channels fold into the bias
+            add = conv_fill_bias(w[s.out_keep.to(w.device)], in_c.fill, in_c.keep)
+            bias = add if bias is None else bias + add
+        b["weight"] = self.attr(s.weight(w), "w", True)
+        b["bias"] = None if bias is None else self.attr(bias, "b", True)
+        b["groups"] = s.groups
+        node = self.g.call_function(n.target, tuple(b.values()))
+        c = self.layout.get(n)
+        if c is None or not torch.equal(c.keep, s.out_keep):  # consumers need it full-size
+            node = self._expand(node, 1, s.out_keep, masks[n].shape[1], n)
         return node
 
     def _copy(self, n: fx.Node) -> fx.Node:
         compact_ok = n in self.layout
         args = self.arg(n.args, compact_ok)
         kwargs = {k: self.arg(v, compact_ok) for k, v in n.kwargs.items()}
-        if compact_ok and n.target in COMPACT_ARGS:
-            args, kwargs = COMPACT_ARGS[n.target](args, kwargs, self.layout[n])
+        entry = lookup_through(n.target) if compact_ok else None
+        c = self.layout.get(n)
+        target = n.target
+        if entry is not None and entry.emit is not None and len(c.keep) < c.full:
+            args, kwargs = entry.emit(self, n, args, kwargs, c)
+            target = entry.op or target
         if n.target in DROPPABLE:
             args, kwargs = self._drop_proven(n, args, kwargs, DROPPABLE[n.target])
-        new = self.g.call_function(n.target, tuple(args), kwargs)
+        new = self.g.call_function(target, tuple(args), kwargs)
         new.meta = {k: v for k, v in n.meta.items() if k in ("stack_trace", "nn_module_stack")}
         return new
 

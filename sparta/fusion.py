@@ -66,7 +66,7 @@ def choose_swiglu(
 
     gate, up, act, mul = group
     cg, cu = choices[gate], choices[up]
-    if "shrink" in (cg.impl, cu.impl) or gate.target is not LINEAR:
+    if cg.shrunk or cu.shrunk or gate.target is not LINEAR:
         return {}  # compact layouts already skip the pruned units
     x = p.traced.example[gate.args[0]].detach().to(device)
     wg, mg, bg = masked_weight(p, gate, device)

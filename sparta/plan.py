@@ -27,8 +27,8 @@ from .errors import BackendError, BuildTimeout, PlanError
 from .kernels import reference
 from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
 from .propagate import Propagated
-from .shrink import LINEAR, analyse, linear_keep
-from .tesa import block_any, detect_pattern
+from .shrink import CONVS, LINEAR, analyse, conv_args, conv_rows, conv_shrink, linear_out_keep
+from .tesa import block_any, detect_pattern, surviving_pattern
 from .timing import compare_ms
 
 FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu", "sparse_cpu")
@@ -56,6 +56,15 @@ class Choice:
     fused: tuple[fx.Node, ...] = ()  # nodes folded into the kernel (its activation)
     candidates: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    # "shrink+<family>": the kernel runs on the shrunk weight; whether it reads the compact
+    # input (else the full one).
+    reads_compact: bool = False
+    in_keep: torch.Tensor | None = None  # the compact input it was built for
+
+    @property
+    def shrunk(self) -> bool:
+        """Computes only the kept units (``shrink``, or a kernel on the shrunk weight)."""
+        return self.impl == "shrink" or self.impl.startswith("shrink+")
 
     @property
     def saving_ms(self) -> float:
@@ -108,6 +117,21 @@ def linear_nodes(p: Propagated) -> list[fx.Node]:
         and n.target is LINEAR
         and n.args[1] in params
         and isinstance(p.traced.example.get(n), torch.Tensor)
+    ]
+
+
+def conv_nodes(p: Propagated) -> list[fx.Node]:
+    """Batched convolutions with a parameter weight: the ones shrinking may make smaller."""
+    params = set(p.traced.params.values())
+    ex = p.traced.example
+    return [
+        n
+        for n in p.traced.gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in CONVS
+        and n.args[1] in params
+        and isinstance(ex.get(n), torch.Tensor)
+        and ex[n].dim() == ex[n.args[1]].dim()
     ]
 
 
@@ -217,13 +241,20 @@ def make_plan(
     forced = backends is not None
     backends = check_backends(backends, device, graph_runtime=device_time)
     linears = linear_nodes(p)
-    layout = analyse(p.traced, p.result.masks, set(linears)) if "shrink" in backends else {}
+    convs = conv_nodes(p) if "shrink" in backends else []
+    shrinkable = set(linears) | set(convs)
+    layout = analyse(p.traced, p.result.masks, shrinkable) if "shrink" in backends else {}
     choices: dict[fx.Node, Choice] = {}
     failed: dict[str, list[tuple[str, BackendError]]] = {}  # family -> (node, error)
-    for i, n in enumerate(linears):
-        if on_node is not None:
-            on_node(n.name, i, len(linears))
-        choices[n] = _choose(p, n, layout, device, backends, device_time, failed)
+    for n in p.traced.gm.graph.nodes:  # in order: a conv sees its input's compact layout
+        if n in convs:
+            choice = _choose_conv(p, n, layout, device, backends, device_time)
+            if choice is not None:
+                choices[n] = choice
+        elif n in shrinkable:
+            if on_node is not None:
+                on_node(n.name, len(choices), len(shrinkable))
+            choices[n] = _choose(p, n, layout, device, backends, device_time, failed)
     _warn_failed(failed)
     if forced:
         _warn_unapplied(p, choices, backends, device)
@@ -239,10 +270,42 @@ def make_plan(
 
             for group in swiglu_groups(p, linears):
                 choices.update(choose_swiglu(p, group, choices, device, device_time))
-    shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
-    layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
+    layout = _final_layout(p, choices)
     timer = "device" if device_time and device.type == "cuda" else "host"
     return Plan(choices, layout, device, backends, timer)
+
+
+def _same_input(c, keep: torch.Tensor) -> bool:
+    """Whether a kernel built for the compact input ``keep`` still gets exactly that."""
+    return c is not None and c.fill is None and torch.equal(c.keep, keep)
+
+
+def _final_layout(p: Propagated, choices: dict[fx.Node, Choice]) -> dict:
+    """The layout of the chosen shrunk nodes. A convolution left with nothing to shrink, or a
+    kernel built for a compact input that is no longer compact, once its input's producer runs
+    dense, turns dense too."""
+    while True:
+        shrunk = {n for n, c in choices.items() if c.shrunk}
+        layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
+        ex, masks = p.traced.example, p.result.masks
+        lost = [
+            n
+            for n in shrunk
+            if n.target in CONVS
+            and conv_shrink(n, ex[n.args[0]], masks[n], layout.get(n.args[0]), conv_rows(masks, n))
+            is None
+            or choices[n].reads_compact
+            and not _same_input(layout.get(n.args[0]), choices[n].in_keep)
+        ]
+        if not lost:
+            return layout
+        for n in lost:
+            c = choices[n]
+            choices[n] = Choice(
+                "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
+                "its input's producer runs dense: nothing left to shrink, or not the input "
+                "its kernel was built for",
+            )  # fmt: skip
 
 
 def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -> Plan:
@@ -256,9 +319,7 @@ def back_off(p: Propagated, plan: Plan, nodes: Iterable[fx.Node], reason: str) -
             "dense", c.dense_latency_ms, c.dense_latency_ms, None, (), c.candidates,
             f"{reason} (alone: {c.impl} {c.latency_ms:.4f} ms vs dense {c.dense_latency_ms:.4f})",
         )  # fmt: skip
-    shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
-    layout = analyse(p.traced, p.result.masks, shrunk) if shrunk else {}
-    return Plan(choices, layout, plan.device, plan.backends, plan.timer)
+    return Plan(choices, _final_layout(p, choices), plan.device, plan.backends, plan.timer)
 
 
 def dense_plan(plan: Plan) -> Plan:
@@ -331,6 +392,32 @@ def _choose(
         candidates[family] = (
             (lambda c=call: c(x)) if fused[family] else (lambda c=call: act_fn(c(x)))
         )
+    reads_compact = False
+    shrunk = _shrunk_operands(p, n, layout, x, w, wm, b) if "shrink" in backends else None
+    for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
+        if shrunk is None or pattern is None or family not in backends:
+            continue
+        if any(name == n.name for name, _ in failed.get(family, ())) or _timed_out(
+            failed.get(family, ())
+        ):
+            continue  # it could not be built for this node's full weight either
+        xs, ws, wms, bs, reads_compact, spat = shrunk
+        key = f"shrink+{family}"
+        try:
+            builder = _builder(family, spat, device)
+            if builder is None or (family == "triton" and not skips_tiles(wms)):
+                continue
+            fused[key] = act in FUSES[family]
+            own = act if fused[key] else None
+            mod = builder(ws, wms, bs, own, node=n.name, tokens=xs.numel() // xs.shape[-1])
+        except BackendError as e:
+            failed.setdefault(family, []).append((f"{n.name} (shrunk)", e))
+            continue
+        modules[key] = mod
+        call = mod.op_call() if hasattr(mod, "op_call") else mod
+        candidates[key] = (
+            (lambda c=call, xs=xs: c(xs)) if fused[key] else (lambda c=call, xs=xs: act_fn(c(xs)))
+        )
     timings = compare_ms(candidates, device, device_time=device_time)
     dense_ms = timings["dense"]
     allowed = {k: v for k, v in timings.items() if k != "dense" or "dense" in backends}
@@ -342,6 +429,7 @@ def _choose(
         # and full layouts along a chain costs gathers/scatters that no single node's timing sees.
         impl = "shrink"
     absorbed = (act_node,) if impl in modules and fused[impl] and act_node is not None else ()
+    compact_in = reads_compact and impl.startswith("shrink+")
     return Choice(
         impl,
         timings[impl],
@@ -350,13 +438,83 @@ def _choose(
         absorbed,
         timings,
         _why(impl, timings, allowed, device_time),
+        compact_in,
+        layout[n.args[0]].keep if compact_in else None,
     )
+
+
+def _shrunk_operands(p: Propagated, n: fx.Node, layout: dict, x, w, wm, b):
+    """The operands of a kernel on the shrunk weight of linear ``n``: (input, weight, weight
+    mask, bias, reads the compact input, pattern), or None when nothing shrinks. Dropping
+    output rows keeps any n:m/block pattern; dropping input columns too is done only where the
+    pattern survives it, else the kernel reads the full input."""
+    out_keep = linear_out_keep(p.result.masks, n).to(x.device)
+    src = layout.get(n.args[0])
+    narrower = src is not None and src.dim == x.dim() - 1 and len(src.keep) < src.full
+    if len(out_keep) == w.shape[0] and not narrower:
+        return None
+    given = p.pattern_of(n.args[1])
+    ws, wms = w[out_keep], wm[out_keep]
+    bs = b[out_keep] if b is not None else None
+    if narrower and src.fill is None:
+        keep = src.keep.to(x.device)
+        pat = surviving_pattern(given, wms[:, keep])
+        if pat.kind in STRUCTURED:
+            return None  # what is left after shrinking is dense: plain shrink covers it
+        if pat.kind == given.kind or given.kind not in ("nm", "block"):
+            xs = x.index_select(-1, keep)
+            return xs, ws[:, keep], wms[:, keep], bs, True, pat
+    pat = surviving_pattern(given, wms)
+    return None if pat.kind in STRUCTURED else (x, ws, wms, bs, False, pat)
+
+
+# Patterns whose pruned elements shrinking removes entirely.
+STRUCTURED = ("dense", "empty", "row", "column", "channel")
+
+
+def _choose_conv(
+    p: Propagated,
+    n: fx.Node,
+    layout: dict,
+    device: torch.device,
+    backends: tuple[str, ...],
+    device_time: bool,
+) -> Choice | None:
+    """Dense or shrunk (fewer channels, whole groups) for a convolution; None when nothing
+    shrinks."""
+    x = p.traced.example[n.args[0]].detach().to(device)
+    in_c = layout.get(n.args[0])
+    in_c = in_c if in_c is not None and in_c.dim == 1 else None
+    s = conv_shrink(n, x, p.result.masks[n], in_c, conv_rows(p.result.masks, n))
+    if s is None:
+        return None
+    w, _, b = masked_weight(p, n, device)
+    args = conv_args(n)
+    dense_args = {**args, "input": x, "weight": w, "bias": b}
+    xc = x.index_select(1, in_c.keep.to(device)) if s.reads_compact else x
+    xs = s.compact_input(xc, in_c)
+    bs = None if b is None else b[s.out_keep.to(device)]
+    small = {**args, "input": xs, "weight": s.weight(w), "bias": bs, "groups": s.groups}
+    op = n.target
+    t = compare_ms(
+        {
+            "dense": lambda: op(*dense_args.values()),
+            "shrink": lambda: op(s.compact_input(xc, in_c), *list(small.values())[1:]),
+        },
+        device,
+        device_time=device_time,
+    )
+    allowed = {k: v for k, v in t.items() if k != "dense" or "dense" in backends}
+    impl = min(allowed, key=allowed.get)
+    if "shrink" in allowed and allowed["shrink"] <= SHRINK_TIE * allowed[impl]:
+        impl = "shrink"
+    return Choice(impl, t[impl], t["dense"], None, (), t, _why(impl, t, allowed, device_time))
 
 
 def _shrunk_call(p, n, layout, x, w, b, act_fn):
     """The smaller dense linear of a shrunk node, timed on compact inputs; None if nothing to
     shrink."""
-    out_keep = linear_keep(p.result.masks[n]).to(x.device)
+    out_keep = linear_out_keep(p.result.masks, n).to(x.device)
     src = layout.get(n.args[0])
     narrower = src is not None and src.dim == x.dim() - 1 and len(src.keep) < src.full
     in_keep = src.keep.to(x.device) if narrower else None

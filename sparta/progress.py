@@ -51,7 +51,7 @@ class Progress:
             self.bar.total += more
             self.bar.refresh()
         self.bar.update(1)
-        self.bar.set_description(f"sparta: {step}", refresh=False)
+        self.bar.set_description(f"sparta: {step}")  # a few steps per compile: draw each
 
     def node(self, name: str, index: int, total: int) -> None:
         """Called by the planner before measuring node ``index`` of ``total``."""

@@ -14,8 +14,8 @@ round to zero). It holds for every value of the model's inputs and under the for
 elements to zero, because a value is only forced to zero where zero is one of its signs:
 parameters and buffers (forced by their masks) always include zero, inputs may be anything,
 and values whose signs exclude zero are never forced — the soundness check leaves them as
-computed, and shrinking only drops elements of linear outputs and of zero-preserving ops
-after them, whose signs all include zero. Rules read the facts of their inputs as
+computed, and shrinking only drops elements that are zero (their signs include zero), read by
+no kept output, or constants it restores exactly. Rules read the facts of their inputs as
 ``call.signs``.
 """
 

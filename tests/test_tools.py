@@ -76,15 +76,11 @@ def test_save_load_round_trip(tmp_path, backends) -> None:
         pytest.skip("no C++ compiler")
     model, inputs = mlp()
     attrs = _mlp_attrs(model)
-    start = time.perf_counter()
     compiled = sparta.compile(model, attrs, inputs, backends=backends, measure=backends is None)
-    compile_s = time.perf_counter() - start
     path = tmp_path / "plan.sparta"
     compiled.save(path)
-    start = time.perf_counter()
     loaded = sparta.load(path, model)
-    load_s = time.perf_counter() - start
-    assert load_s < compile_s / 2, (load_s, compile_s)
+    assert loaded.__dict__["_propagated"] is None  # no trace, no propagation, no measuring
     impls = {n.name: n.impl for n in compiled.report.nodes}
     assert {n.name: n.impl for n in loaded.report.nodes} == impls
     if backends:
@@ -104,7 +100,9 @@ def test_save_load_round_trip(tmp_path, backends) -> None:
 
 def test_load_rejects_another_model(tmp_path) -> None:
     model, inputs = mlp()
-    compiled = sparta.compile(model, _mlp_attrs(model), inputs, measure=False)
+    # no shrink: a plan with shrink+<family> kernels cannot be saved yet
+    backends = ["dense", "nm_cpu", "sparse_cpu"]
+    compiled = sparta.compile(model, _mlp_attrs(model), inputs, measure=False, backends=backends)
     compiled.save(tmp_path / "p.sparta")
     other = type(model)().eval()  # same shapes, other weights
     with pytest.raises(sparta.SpartaError, match="different weight values"):
@@ -178,6 +176,7 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(capsys, monkeypatch) -> N
     model, inputs = mlp()
     attrs = _mlp_attrs(model)
     monkeypatch.setattr(progress, "DELAY_S", 0.0)
+    monkeypatch.setenv("SPARTA_CACHE", "0")  # every compile measures its nodes
     sparta.compile(model, attrs, inputs, measure=False, progress=True)
     err = capsys.readouterr().err
     assert "sparta: " in err and "measuring linear" in err
