@@ -68,7 +68,7 @@ def test_measure_demo_model_from_attrs() -> None:
         sparta.measure("not a model", inputs)
 
 
-@pytest.mark.parametrize("backends", [None, ["nm_cpu", "shrink"], ["sparse_cpu"]])
+@pytest.mark.parametrize("backends", [None, ["nm_cpu", "dense"], ["sparse_cpu"]])
 def test_save_load_round_trip(tmp_path, backends) -> None:
     from sparta.codegen import nm_cpu
 
