@@ -182,11 +182,13 @@ class InputSignature:
         return cls({k: (v.dtype, v.device) for k, v in items if isinstance(v, torch.Tensor)})
 
     def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
-        for key, value in [*enumerate(args), *kwargs.items()]:
-            want = self.expected.get(key)
-            if want is None or not isinstance(value, torch.Tensor):
+        for key, (dtype, device) in self.expected.items():  # per call: only the example's
+            if isinstance(key, int):
+                value = args[key] if key < len(args) else None
+            else:
+                value = kwargs.get(key)
+            if not isinstance(value, torch.Tensor):
                 continue
-            dtype, device = want
             float_mismatch = dtype.is_floating_point and value.dtype != dtype
             if value.device != device or float_mismatch:
                 what = f"argument {key}" if isinstance(key, int) else f"argument {key!r}"

@@ -374,50 +374,38 @@ def _choose(
     pattern = None if bool(wm.all()) else p.pattern_of(n.args[1])
     modules: dict[str, torch.nn.Module] = {}
     fused: dict[str, bool] = {}
-    for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
-        if family not in backends or not pattern or _timed_out(failed.get(family, ())):
-            continue
-        try:
-            builder = _builder(family, pattern, device)
-            if builder is None or (family == "triton" and not skips_tiles(wm)):
-                continue
-            fused[family] = act in FUSES[family]
-            own = act if fused[family] else None
-            mod = builder(w, wm, b, own, node=n.name, tokens=x.numel() // x.shape[-1])
-        except BackendError as e:
-            failed.setdefault(family, []).append((n.name, e))
-            continue
-        modules[family] = mod
-        call = mod.op_call() if hasattr(mod, "op_call") else mod
-        candidates[family] = (
-            (lambda c=call: c(x)) if fused[family] else (lambda c=call: act_fn(c(x)))
-        )
+    # (key prefix, operands, pattern, label): the full weight, then the shrunk one
+    variants = [("", (x, w, wm, b), pattern, n.name)]
     reads_compact = False
     shrunk = _shrunk_operands(p, n, layout, x, w, wm, b) if "shrink" in backends else None
-    for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
-        if shrunk is None or pattern is None or family not in backends:
-            continue
-        if any(name == n.name for name, _ in failed.get(family, ())) or _timed_out(
-            failed.get(family, ())
-        ):
-            continue  # it could not be built for this node's full weight either
+    if shrunk is not None and pattern is not None:
         xs, ws, wms, bs, reads_compact, spat = shrunk
-        key = f"shrink+{family}"
-        try:
-            builder = _builder(family, spat, device)
-            if builder is None or (family == "triton" and not skips_tiles(wms)):
+        variants.append(("shrink+", (xs, ws, wms, bs), spat, f"{n.name} (shrunk)"))
+    for prefix, (xv, wv, wmv, bv), pat, label in variants:
+        for family in ("triton", "cusparselt", "nm_cpu", "sparse_cpu"):
+            errors = failed.get(family, ())
+            if family not in backends or not pat or _timed_out(errors):
                 continue
-            fused[key] = act in FUSES[family]
-            own = act if fused[key] else None
-            mod = builder(ws, wms, bs, own, node=n.name, tokens=xs.numel() // xs.shape[-1])
-        except BackendError as e:
-            failed.setdefault(family, []).append((f"{n.name} (shrunk)", e))
-            continue
-        modules[key] = mod
-        call = mod.op_call() if hasattr(mod, "op_call") else mod
-        candidates[key] = (
-            (lambda c=call, xs=xs: c(xs)) if fused[key] else (lambda c=call, xs=xs: act_fn(c(xs)))
-        )
+            if prefix and any(name == n.name for name, _ in errors):
+                continue  # it could not be built for this node's full weight either
+            key = prefix + family
+            try:
+                builder = _builder(family, pat, device)
+                if builder is None or (family == "triton" and not skips_tiles(wmv)):
+                    continue
+                fused[key] = act in FUSES[family]
+                own = act if fused[key] else None
+                mod = builder(wv, wmv, bv, own, node=n.name, tokens=xv.numel() // xv.shape[-1])
+            except BackendError as e:
+                failed.setdefault(family, []).append((label, e))
+                continue
+            modules[key] = mod
+            call = mod.op_call() if hasattr(mod, "op_call") else mod
+            candidates[key] = (
+                (lambda c=call, xv=xv: c(xv))
+                if fused[key]
+                else (lambda c=call, xv=xv: act_fn(c(xv)))
+            )
     timings = compare_ms(candidates, device, device_time=device_time)
     dense_ms = timings["dense"]
     allowed = {k: v for k, v in timings.items() if k != "dense" or "dense" in backends}
