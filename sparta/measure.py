@@ -171,7 +171,8 @@ def node_calls(
     if c.module is None:
         return dense, dense
     call = c.module.op_call() if hasattr(c.module, "op_call") else c.module
-    return dense, (lambda: call(x))
+    xk = x.index_select(-1, c.in_keep.to(dev)) if c.reads_compact else x  # as the graph feeds it
+    return dense, (lambda: call(xk))
 
 
 def measure(

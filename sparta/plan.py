@@ -214,6 +214,22 @@ def masked_weight(p: Propagated, n: fx.Node, device: torch.device) -> tuple:
     return w * wm, wm, b
 
 
+def kernel_operands(p: Propagated, n: fx.Node, c: Choice, device: torch.device) -> tuple:
+    """The masked weight, mask, bias and pattern the kernel of choice ``c`` for linear ``n``
+    was built from: the full weight, or for ``shrink+<family>`` its kept output rows (and the
+    compact input's columns when it reads the compact input)."""
+    w, wm, b = masked_weight(p, n, device)
+    pattern = p.pattern_of(n.args[1])
+    if not c.impl.startswith("shrink+"):
+        return w, wm, b, pattern
+    rows = linear_out_keep(p.result.masks, n).to(device)
+    w, wm, b = w[rows], wm[rows], (b[rows] if b is not None else None)
+    if c.reads_compact:
+        cols = c.in_keep.to(device)
+        w, wm = w[:, cols], wm[:, cols]
+    return w, wm, b, surviving_pattern(pattern, wm)
+
+
 def fusable_activation(n: fx.Node) -> tuple[fx.Node | None, str | None]:
     """The activation node a kernel can absorb (the linear's only user) and its name."""
     users = list(n.users)

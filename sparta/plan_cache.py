@@ -10,7 +10,9 @@ that hashes everything that determines the plan:
   class and its bases, its plain attributes (numbers, strings, a ``config``) and
   ``extra_repr`` — so that a hit needs no trace (the traced graph is a function of these);
 - the attributes (each mask's digest and pattern), the example inputs' shapes and dtypes;
-- the options (device, backends, mode, strict, measure) and library versions.
+- the options (device, backends, mode, strict, measure), library versions, and a digest of
+  sparta's own source (the packages sparta, codegen, kernels, propagation_rules): a plan made
+  by other planner code is never reused, whatever the version number says.
 
 ``SPARTA_CACHE=0`` turns it off. An entry that cannot be read (truncated, another format, a
 graph that no longer resolves) is deleted and rebuilt, with a warning.
@@ -54,6 +56,19 @@ def _file_digest(path: str) -> str:
         with open(path, "rb") as f:
             _FILES[memo] = hashlib.blake2b(f.read(), digest_size=16).hexdigest()
     return _FILES[memo]
+
+
+def source_digest() -> str:
+    """A digest of every source file of sparta's packages (``.py``, ``.cpp``, ``.inc``)."""
+    import importlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("sparta", "sparta.codegen", "sparta.kernels", "sparta.propagation_rules"):
+        root = Path(importlib.import_module(name).__file__).parent
+        for f in sorted(root.glob("*")):
+            if f.suffix in (".py", ".cpp", ".inc"):
+                h.update(f"{name}/{f.name}:{_file_digest(str(f))}".encode())
+    return h.hexdigest()
 
 
 def _plain(v: Any) -> bool:
@@ -123,6 +138,7 @@ def plan_key(
     return "plan-" + cache_key(
         "plan",
         __version__,
+        source_digest(),
         repr(sorted(sig["tensors"].items())),
         sig["digest"],
         *model_fingerprint(model),

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .plan import Plan
     from .propagate import Propagated
 
-FORMAT = 1
+FORMAT = 2
 KEY = "sparta"
 KERNEL_FAMILIES = ("nm_cpu", "sparse_cpu", "triton")
 
@@ -129,7 +129,7 @@ def _kernel_recipes(
     p: Propagated, plan: Plan, gm: fx.GraphModule, tensors: dict[str, torch.Tensor]
 ) -> tuple[list[dict], set[str]]:
     """How to generate each kernel of ``plan`` again, and the buffers it regenerates."""
-    from .plan import MATMULS, fusable_activation, masked_weight
+    from .plan import MATMULS, fusable_activation, kernel_operands
 
     by_table: dict[int, fx.Node] = {}
     for e in gm.graph.nodes:
@@ -141,7 +141,8 @@ def _kernel_recipes(
     for n, c in plan.choices.items():
         if c.impl in ("dense", "shrink", "fused"):
             continue
-        if c.impl not in KERNEL_FAMILIES or n.target in MATMULS:
+        family = c.impl.removeprefix("shrink+")
+        if family not in KERNEL_FAMILIES or n.target in MATMULS:
             raise PlanFileError(
                 f"node {n.name} runs a {c.impl} kernel, which a saved plan cannot hold yet "
                 f"(saved: {', '.join(KERNEL_FAMILIES)} linear kernels)."
@@ -153,19 +154,18 @@ def _kernel_recipes(
             raise PlanFileError(f"the kernel of node {n.name} is not in the compiled graph.")
         tables = [a.target if isinstance(a, fx.Node) else None for a in e.args[1:]]
         regenerated.update(t for t in tables if t is not None)
-        w, wm, b = masked_weight(p, n, plan.device)
+        w, wm, b, pattern = kernel_operands(p, n, c, plan.device)
         tensors[f"kernel/{e.name}/weight"] = w.detach().cpu().contiguous()
         tensors[f"kernel/{e.name}/mask"] = wm.cpu().contiguous()
         if b is not None:
             tensors[f"kernel/{e.name}/bias"] = b.detach().cpu().contiguous()
         act_node, act = fusable_activation(n)
         x = p.traced.example[n.args[0]]
-        pattern = p.pattern_of(n.args[1])
         recipes.append(
             {
                 "node": e.name,
                 "plan_node": n.name,
-                "family": c.impl,
+                "family": family,
                 "activation": act if act_node is not None and act_node in c.fused else None,
                 "nm": [pattern.n, pattern.m] if pattern.kind == "nm" else None,
                 "tokens": x.numel() // x.shape[-1],
@@ -227,6 +227,9 @@ def _document(compiled: CompiledModel) -> tuple[dict, dict[str, torch.Tensor]]:
     masks = _put_masks(p.result.masks, tensors)
     report = compiled.report
     names = {name: n.name for n, (name, _) in tensor_names(p.traced).items()}
+    for n, c in plan.choices.items():
+        if c.in_keep is not None:
+            tensors[f"in_keep/{n.name}"] = c.in_keep
     given = {}
     for name, tesa in p.given.items():
         tensors[f"given/{name}"] = tesa.mask
@@ -253,6 +256,7 @@ def _document(compiled: CompiledModel) -> tuple[dict, dict[str, torch.Tensor]]:
                 "candidates": c.candidates,
                 "reason": c.reason,
                 "fused": [f.name for f in c.fused],
+                "reads_compact": c.reads_compact,
             }
             for n, c in plan.choices.items()
         },
@@ -452,7 +456,9 @@ def replan(source: Mapping[str, Any]) -> tuple[Propagated, Plan]:
             tuple(by_name[f] for f in c["fused"]),
             c["candidates"],
             c["reason"],
+            c["reads_compact"],
+            tensors.get(f"in_keep/{name}"),
         )
-    shrunk = {n for n, c in choices.items() if c.impl == "shrink"}
+    shrunk = {n for n, c in choices.items() if c.shrunk}
     layout = analyse(traced, masks, shrunk) if shrunk else {}
     return p, Plan(choices, layout, device, tuple(doc["backends"]), doc["timer"])

@@ -98,11 +98,51 @@ def test_save_load_round_trip(tmp_path, backends) -> None:
     torch.testing.assert_close(again(x), reference(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["nm_cpu", "sparse_cpu"])
+def test_save_load_round_trip_of_kernels_on_shrunk_weights(tmp_path, monkeypatch, family) -> None:
+    from sparta import plan as planner
+    from sparta.codegen import nm_cpu
+
+    if not nm_cpu.available():
+        pytest.skip("no C++ compiler")
+
+    def shrunk_kernels_win(candidates, device, device_time=False):  # the timings, fixed
+        for run in candidates.values():
+            run()
+        return {k: 1.0 if k.startswith("shrink+") else 2.0 for k in candidates}
+
+    monkeypatch.setattr(planner, "compare_ms", shrunk_kernels_win)
+    model, inputs = mlp()
+    attrs = _mlp_attrs(model)
+    if family == "sparse_cpu":  # unstructured: the kernel reads fc1's compact output
+        attrs["fc2.weight"] = torch.rand(64, 64) < 0.3
+    attrs["fc2.weight"] &= torch.rand(64, 1) < 0.7  # rows fc2 drops
+    compiled = sparta.compile(model, attrs, inputs, backends=["shrink", family], measure=False)
+    impls = {n.name: n.impl for n in compiled.report.nodes}
+    assert f"shrink+{family}" in impls.values(), impls
+    compact = any(c.reads_compact for c in compiled.plan.choices.values())
+    assert compact == (family == "sparse_cpu")
+    compiled.save(tmp_path / "plan.sparta")
+    loaded = sparta.load(tmp_path / "plan.sparta", model)
+    assert {n.name: n.impl for n in loaded.report.nodes} == impls
+    reference = sparta.masked_model(model, attrs)
+    for batch in (1, 6):
+        x = torch.randn(batch, 32)
+        torch.testing.assert_close(loaded(x), reference(x), rtol=1e-5, atol=1e-5)
+    # traced again (measure), saved again from the re-derived plan, loaded again: the same
+    _check_measurement(sparta.measure(loaded, (torch.randn(3, 32),)), loaded)
+    assert [c.reads_compact for c in loaded.plan.choices.values()] == [
+        c.reads_compact for c in compiled.plan.choices.values()
+    ]
+    loaded.save(tmp_path / "again.sparta")
+    x = torch.randn(5, 32)
+    again = sparta.load(tmp_path / "again.sparta", model)
+    torch.testing.assert_close(again(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
 def test_load_rejects_another_model(tmp_path) -> None:
     model, inputs = mlp()
-    # no shrink: a plan with shrink+<family> kernels cannot be saved yet
-    backends = ["dense", "nm_cpu", "sparse_cpu"]
-    compiled = sparta.compile(model, _mlp_attrs(model), inputs, measure=False, backends=backends)
+    compiled = sparta.compile(model, _mlp_attrs(model), inputs, measure=False)
     compiled.save(tmp_path / "p.sparta")
     other = type(model)().eval()  # same shapes, other weights
     with pytest.raises(sparta.SpartaError, match="different weight values"):
@@ -163,6 +203,10 @@ def test_plan_cache(tmp_path, monkeypatch) -> None:
         third = sparta.compile(model, attrs, inputs)
     torch.testing.assert_close(third(ids), second(ids), rtol=1e-5, atol=1e-5)
     assert entries[0].exists() and entries[0].stat().st_size > 100
+    # other planner code (an upgrade, a local edit): not the old entry
+    monkeypatch.setattr(sparta.plan_cache, "source_digest", lambda: "other sparta source")
+    assert sparta.compile(model, attrs, inputs, measure=False).__dict__["_source"] is None
+    monkeypatch.undo()
     # SPARTA_CACHE=0: nothing read
     monkeypatch.setenv("SPARTA_CACHE", "0")
     off = sparta.compile(model, attrs, inputs, measure=False)
