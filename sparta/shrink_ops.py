@@ -344,7 +344,11 @@ def view_layout(src: torch.Tensor, out: torch.Tensor, c: Compact) -> Compact | N
 
 def _view_layout(a, n, v):
     c = _first(a, n, v)
-    return None if c is None else view_layout(a.value(n.args[0]), v, c)
+    if c is None or not len(c.keep):
+        # Zero width (every unit pruned) fits any dim of the view and makes a -1 ambiguous:
+        # the view gets the full (zero-filled) value.
+        return None
+    return view_layout(a.value(n.args[0]), v, c)
 
 
 def _view_shape(em, n, args, kwargs, c):
@@ -355,9 +359,10 @@ def _view_shape(em, n, args, kwargs, c):
     return (args[0], shape, *args[2:]), kwargs
 
 
-register_through(
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, emit=_view_shape
-)(_view_layout)
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+register_through(*VIEWS, emit=_view_shape)(_view_layout)
 register_through(
     aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims
 )(_view_layout)

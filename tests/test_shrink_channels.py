@@ -270,3 +270,20 @@ def test_export_pruned_is_a_smaller_trainable_module_computing_the_same() -> Non
     torch.testing.assert_close(small(x), sparta.masked_model(m, attrs)(x), atol=1e-5, rtol=1e-5)
     small(x).sum().backward()
     assert all(p.grad is not None for p in small.parameters())
+
+
+@pytest.mark.parametrize("ffn_kept", [0.0, 0.5])
+def test_every_head_or_unit_pruned_is_zero_width_not_a_crash(ffn_kept) -> None:
+    """All heads of a layer pruned (and all FFN units): the compact values have zero width, the
+    head-splitting views get the full zero-filled value, and the answer is the masked model's."""
+    from sparta.demo import TinyBert, demo_masks
+
+    torch.manual_seed(0)
+    model = TinyBert(vocab=100, hidden=64, heads=4, ffn=128, layers=2, max_len=64).eval()
+    attrs = demo_masks(model, ffn_kept=ffn_kept, heads_pruned=4)
+    compiled = sparta.compile(model, attrs, (torch.randint(0, 100, (2, 16)),), measure=False)
+    reference = sparta.masked_model(model, attrs)
+    for batch, seq in ((1, 16), (3, 7), (5, 30)):
+        ids = torch.randint(0, 100, (batch, seq))
+        torch.testing.assert_close(compiled(ids), reference(ids), rtol=1e-5, atol=1e-5)
+    assert compiled.report.node("linear").impl == "shrink"  # q of layer 0: zero rows computed
