@@ -26,7 +26,9 @@ from sparta.codegen import cpu_ops
 from sparta.codegen.cache import cache_key, cached_file, dump_source
 from sparta.codegen.op_call import OpCall
 from sparta.errors import BackendError, BuildTimeout
-from sparta.kernels.nm_layout import ACTIVATIONS, NMPacked, pack_nm
+from sparta.kernels.epilogue import CPU_ACTIVATIONS as ACTIVATIONS
+from sparta.kernels.epilogue import cpu_code
+from sparta.kernels.nm_layout import NMPacked, pack_nm
 
 ISAS = ("avx512", "avx2", "scalar")
 
@@ -46,7 +48,6 @@ ISA_CONFIGS: dict[str, IsaConfig] = {
     "scalar": IsaConfig(1, 4, 4, ()),
 }
 BASE_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno")
-ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 # Chunks per k block: the x panel slice a block reads (KBC * m * TV * VL floats) stays in L1.
 L1_PANEL_BYTES = 24 * 1024
 # Permute path (AVX-512; docs/nm_cpu.md): tokens per block (one accumulator each), the slice of
@@ -295,7 +296,7 @@ def render(
         "NM_VL": cfg.vl,
         "NM_KBC": min(kbc, chunks),
         "NM_HAS_BIAS": int(has_bias),
-        "NM_ACT": ACT_CODES[activation],
+        "NM_ACT": cpu_code(activation),
         "NM_PERM": int(path == "perm"),
         "NM_PTB": PERM_TOKENS,
         "NM_PKB": _even_blocks(chunks, L1_XBLOCK_BYTES // (PERM_TOKENS * _perm_slot(m) * 4)),

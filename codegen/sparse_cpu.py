@@ -22,10 +22,10 @@ from sparta.codegen.cache import dump_source
 from sparta.codegen.nm_cpu import ISAS, available, compile_source, detect_isa, kernel_text
 from sparta.codegen.op_call import OpCall
 from sparta.errors import BackendError
-from sparta.kernels.reference import ACTIVATIONS
+from sparta.kernels.epilogue import CPU_ACTIVATIONS as ACTIVATIONS
+from sparta.kernels.epilogue import cpu_code
 from sparta.kernels.sparse_layout import SparsePacked, check_mask, k_blocking, pack_sparse
 
-ACT_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 # The slice of a transposed x panel that one k block reads (k_block * panel tokens * 4 bytes):
 # SLICE_BYTES_AT_1 / density, within [SLICE_MIN, SLICE_MAX]. Dense-ish rows want the slice in
 # L1 (24 KB); sparse rows want few, long row segments (each costs a spill of the accumulators),
@@ -83,7 +83,7 @@ def render(
         "SP_VL": cfg.vl,
         "SP_TV": cfg.tv,
         "SP_HAS_BIAS": int(has_bias),
-        "SP_ACT": ACT_CODES[activation],
+        "SP_ACT": cpu_code(activation),
     }
     head = "".join(f"#define {k} {v}\n" for k, v in consts.items())
     return f"// isa: {isa}, unstructured, activation: {activation}\n{head}{_template()}"

@@ -18,7 +18,7 @@ import torch
 
 from sparta.errors import BackendError
 from sparta.kernels import triton_bsmm
-from sparta.kernels.triton_common import ACTIVATIONS
+from sparta.kernels.epilogue import TRITON_ACTIVATIONS as ACTIVATIONS
 
 from . import triton_ops
 from .cache import cache_key, debug_level

@@ -25,7 +25,6 @@ from sparta.errors import BackendError
 from sparta.tesa import group_counts
 
 from . import reference
-from .reference import ACTIVATIONS  # noqa: F401  (re-exported for the C++ codegen)
 
 
 @dataclass(frozen=True)

@@ -5,25 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparta.errors import BackendError
-
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
-
-
-def activation(y: torch.Tensor, name: str | None) -> torch.Tensor:
-    """The epilogue activation ``name`` applied to ``y`` (``None`` = identity; ``"silu"`` too,
-    which only the Triton kernels fuse)."""
-    if name is None:
-        return y
-    if name == "relu":
-        return torch.relu(y)
-    if name == "gelu":
-        return F.gelu(y)
-    if name == "gelu_tanh":
-        return F.gelu(y, approximate="tanh")
-    if name == "silu":
-        return F.silu(y)
-    raise BackendError(f"activation must be one of {ACTIVATIONS}, got {name!r}.")
+from .epilogue import apply as activation  # noqa: F401  (the epilogues' dense reference)
 
 
 def linear(

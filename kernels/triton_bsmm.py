@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
+from .epilogue import triton_source
 from .reference import linear as linear_reference
-from .triton_common import HEADER, TL_DTYPE, activation_src
+from .triton_common import HEADER, TL_DTYPE
 
 KERNEL_NAME = "sparta_bsmm_kernel"
 
@@ -100,7 +101,7 @@ def render(
     unit: int = 1,
 ) -> str:
     """Triton source of the kernel specialised to one tile shape, K, dtype and epilogue."""
-    act = activation_src(activation, 4)
+    act = triton_source(activation, 4)
     even = k % bk == 0
     fields = dict(
         name=KERNEL_NAME,

@@ -24,8 +24,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .errors import BackendError, BuildTimeout, PlanError
-from .kernels import reference
-from .kernels.triton_common import ACTIVATIONS as TRITON_ACTIVATIONS
+from .kernels import epilogue, reference
 from .propagate import Propagated
 from .shrink import CONVS, LINEAR, analyse, conv_args, conv_rows, conv_shrink, linear_out_keep
 from .tesa import block_any, detect_pattern, surviving_pattern
@@ -33,17 +32,13 @@ from .timing import compare_ms
 
 FAMILIES = ("dense", "shrink", "triton", "cusparselt", "nm_cpu", "sparse_cpu")
 SHRINK_TIE = 1.05  # shrink is kept when within 5% of the fastest candidate
-ACTIVATIONS = {
-    torch.ops.aten.relu.default: "relu",
-    torch.ops.aten.gelu.default: "gelu",
-    torch.ops.aten.silu.default: "silu",
-}
-# The epilogue activations each generated-kernel family fuses.
+# The epilogue activations each generated-kernel family fuses (``kernels/epilogue.py``); the
+# 2:4 module applies any of them to the cuSPARSELt product.
 FUSES = {
-    "triton": TRITON_ACTIVATIONS,
-    "nm_cpu": reference.ACTIVATIONS,
-    "sparse_cpu": reference.ACTIVATIONS,
-    "cusparselt": reference.ACTIVATIONS,
+    "triton": epilogue.TRITON_ACTIVATIONS,
+    "nm_cpu": epilogue.CPU_ACTIVATIONS,
+    "sparse_cpu": epilogue.CPU_ACTIVATIONS,
+    "cusparselt": epilogue.ALL_ACTIVATIONS,
 }
 
 
@@ -231,16 +226,10 @@ def kernel_operands(p: Propagated, n: fx.Node, c: Choice, device: torch.device) 
 
 
 def fusable_activation(n: fx.Node) -> tuple[fx.Node | None, str | None]:
-    """The activation node a kernel can absorb (the linear's only user) and its name."""
+    """The activation node a kernel can absorb (the linear's only user) and its epilogue."""
     users = list(n.users)
-    if len(users) != 1 or users[0].target not in ACTIVATIONS:
-        return None, None
-    u = users[0]
-    name = ACTIVATIONS[u.target]
-    if u.target is torch.ops.aten.gelu.default:
-        approx = u.kwargs.get("approximate", u.args[1] if len(u.args) > 1 else "none")
-        name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
-    return (u, name) if name is not None else (None, None)
+    name = epilogue.of_node(users[0]) if len(users) == 1 else None
+    return (users[0], name) if name is not None else (None, None)
 
 
 def make_plan(
