@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from .calls import bound_arguments
+from .decompose import Decomposed
 from .errors import AttrError, PlanError
 from .plan import MATMULS, Plan
 from .propagate import Propagated
@@ -45,6 +46,8 @@ from .shrink import (
 )
 from .shrink_ops import lookup_through
 from .value_range import all_true, all_zero, value_ranges
+
+aten = torch.ops.aten
 
 
 def apply_input_mask(x: torch.Tensor, mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -237,21 +240,26 @@ class Emitter:
         acts = tuple(self.full(a) for a in operands)
         if choice.reads_compact:
             acts = (self.env[n.args[0]],)
-        module = choice.module
-        if not hasattr(module, "op_call"):  # a module that is not a registered op (2:4 weights)
-            name = f"kernel_{n.name}"
-            self.root.add_module(name, module)
-            return self.g.call_module(name, acts)
-        call = module.op_call()
-        tables = tuple(
-            None if t is None else self.attr(t, f"{n.name}.{name}") for name, t in call.tables
-        )
-        node = self.g.call_function(call.op, acts + tables, dict(call.static))
+        parts = choice.module.parts if isinstance(choice.module, Decomposed) else [choice.module]
+        node = None
+        for i, module in enumerate(parts):  # a decomposition: one call per part, summed
+            one = self._kernel_call(n, module, acts, f"{n.name}_{i}" if len(parts) > 1 else n.name)
+            node = one if node is None else self.g.call_function(aten.add.Tensor, (node, one))
         if choice.shrunk and n not in self.layout:  # consumers need it full-size
             masks = self.p.result.masks
             keep = linear_out_keep(masks, n)
             node = self._expand(node, masks[n].dim() - 1, keep, masks[n].shape[-1], n)
         return node
+
+    def _kernel_call(self, n: fx.Node, module, acts: tuple, name: str) -> fx.Node:
+        if not hasattr(module, "op_call"):  # a module that is not a registered op (2:4 weights)
+            self.root.add_module(f"kernel_{name}", module)
+            return self.g.call_module(f"kernel_{name}", acts)
+        call = module.op_call()
+        tables = tuple(
+            None if t is None else self.attr(t, f"{name}.{table}") for table, t in call.tables
+        )
+        return self.g.call_function(call.op, acts + tables, dict(call.static))
 
     def _shrunk_linear(self, n: fx.Node) -> fx.Node:
         """A smaller linear: kept output features only, compact input features if compact."""

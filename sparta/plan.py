@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import decompose
 from .errors import BackendError, BuildTimeout, PlanError
 from .kernels import epilogue, reference
 from .propagate import Propagated
@@ -411,6 +412,22 @@ def _choose(
                 if fused[key]
                 else (lambda c=call, xv=xv: act_fn(c(xv)))
             )
+        split = _split(pat, wmv, device, backends)
+        if split is not None and not any(
+            _timed_out(failed.get(f, ())) for f in (*split.families, split.name)
+        ):
+            key = prefix + split.name
+            tokens = xv.numel() // xv.shape[-1]
+            try:
+                mod = decompose.build(
+                    split, wv, bv, lambda f, pt: _builder(f, pt, device), label, tokens
+                )
+            except BackendError as e:
+                failed.setdefault(split.name, []).append((label, e))
+                mod = None
+            if mod is not None:
+                modules[key], fused[key] = mod, False
+                candidates[key] = lambda c=mod, xv=xv: act_fn(c(xv))
     timings = compare_ms(candidates, device, device_time=device_time)
     dense_ms = timings["dense"]
     allowed = {k: v for k, v in timings.items() if k != "dense" or "dense" in backends}
@@ -434,6 +451,18 @@ def _choose(
         compact_in,
         layout[n.args[0]].keep if compact_in else None,
     )
+
+
+def _split(pattern, mask: torch.Tensor, device: torch.device, backends) -> decompose.Split | None:
+    """The decomposition worth timing for a mixed ``mask`` (unstructured or block: an n:m or
+    structured mask has one family that fits it whole), or None."""
+    if pattern is None or pattern.kind not in ("unstructured", "block") or mask.dim() != 2:
+        return None
+    if device.type == "cpu" and {"nm_cpu", "sparse_cpu"} <= set(backends):
+        return decompose.cpu_split(mask)
+    if device.type == "cuda" and {"triton", "cusparselt"} <= set(backends):
+        return decompose.gpu_split(mask, skips_tiles)
+    return None
 
 
 def _shrunk_operands(p: Propagated, n: fx.Node, layout: dict, x, w, wm, b):

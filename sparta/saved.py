@@ -29,15 +29,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
+from .decompose import Decomposed, Split
 from .errors import PlanFileError
 from .graph_json import decode, encode, graph_from_json, graph_to_json
+from .tesa import Pattern
 
 if TYPE_CHECKING:
     from .compile import CompiledModel
     from .plan import Plan
     from .propagate import Propagated
 
-FORMAT = 2
+FORMAT = 3
 KEY = "sparta"
 KERNEL_FAMILIES = ("nm_cpu", "sparse_cpu", "triton")
 
@@ -141,39 +143,54 @@ def _kernel_recipes(
     for n, c in plan.choices.items():
         if c.impl in ("dense", "shrink", "fused"):
             continue
-        family = c.impl.removeprefix("shrink+")
-        if family not in KERNEL_FAMILIES or n.target in MATMULS:
+        families = c.impl.removeprefix("shrink+").split("+")
+        if any(f not in KERNEL_FAMILIES for f in families) or n.target in MATMULS:
             raise PlanFileError(
                 f"node {n.name} runs a {c.impl} kernel, which a saved plan cannot hold yet "
-                f"(saved: {', '.join(KERNEL_FAMILIES)} linear kernels)."
+                f"(saved: {', '.join(KERNEL_FAMILIES)} linear kernels and their sums)."
             )
-        call = c.module.op_call()
-        first = next(t for _, t in call.tables if t is not None)
-        e = by_table.get(first.data_ptr())
-        if e is None or e.target is not call.op:
-            raise PlanFileError(f"the kernel of node {n.name} is not in the compiled graph.")
-        tables = [a.target if isinstance(a, fx.Node) else None for a in e.args[1:]]
-        regenerated.update(t for t in tables if t is not None)
         w, wm, b, pattern = kernel_operands(p, n, c, plan.device)
-        tensors[f"kernel/{e.name}/weight"] = w.detach().cpu().contiguous()
-        tensors[f"kernel/{e.name}/mask"] = wm.cpu().contiguous()
-        if b is not None:
-            tensors[f"kernel/{e.name}/bias"] = b.detach().cpu().contiguous()
         act_node, act = fusable_activation(n)
         x = p.traced.example[n.args[0]]
-        recipes.append(
-            {
-                "node": e.name,
-                "plan_node": n.name,
-                "family": family,
-                "activation": act if act_node is not None and act_node in c.fused else None,
-                "nm": [pattern.n, pattern.m] if pattern.kind == "nm" else None,
-                "tokens": x.numel() // x.shape[-1],
-                "tables": tables,
-                "key": dict(call.static),
-            }
-        )
+        parts: list[tuple] = [(c.module, w, wm, b, pattern)]
+        if isinstance(c.module, Decomposed):  # one kernel per part; the first has the bias
+            split = c.module.split
+            parts = [
+                (mod, w * pm.to(w.device), pm, b if i == 0 else None, pat)
+                for i, (mod, pm, pat) in enumerate(zip(c.module.parts, split.masks, split.patterns))
+            ]
+        for i, (mod, pw, pm, pb, pat) in enumerate(parts):
+            call = mod.op_call()
+            first = next(t for _, t in call.tables if t is not None)
+            e = by_table.get(first.data_ptr())
+            if e is None or e.target is not call.op:
+                raise PlanFileError(f"the kernel of node {n.name} is not in the compiled graph.")
+            tables = [a.target if isinstance(a, fx.Node) else None for a in e.args[1:]]
+            regenerated.update(t for t in tables if t is not None)
+            tensors[f"kernel/{e.name}/weight"] = pw.detach().cpu().contiguous()
+            tensors[f"kernel/{e.name}/mask"] = pm.cpu().contiguous()
+            if pb is not None:
+                tensors[f"kernel/{e.name}/bias"] = pb.detach().cpu().contiguous()
+            recipes.append(
+                {
+                    "node": e.name,
+                    "plan_node": n.name,
+                    "family": families[i],
+                    "part": [i, len(parts)],
+                    "activation": act if act_node is not None and act_node in c.fused else None,
+                    "nm": [pat.n, pat.m] if pat.kind == "nm" else None,
+                    "tokens": x.numel() // x.shape[-1],
+                    "tables": tables,
+                    "key": dict(call.static),
+                }
+            )
     return recipes, regenerated
+
+
+def _pattern(r: Mapping[str, Any]) -> Pattern:
+    if r["nm"] is not None:
+        return Pattern("nm", n=r["nm"][0], m=r["nm"][1], dim=1)
+    return Pattern("unstructured")
 
 
 def _build_kernel(r: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], device):
@@ -361,7 +378,8 @@ def load_checked(path: str | Path, model: torch.nn.Module, sig: Mapping[str, Any
     for k, v in tensors.items():
         if k.startswith("buffer/"):
             root.register_buffer(k.removeprefix("buffer/"), v.to(device))
-    modules = {}
+    modules: dict[str, torch.nn.Module] = {}
+    parts: dict[str, list] = {}
     static = {}
     for r in doc["kernels"]:
         try:
@@ -375,8 +393,20 @@ def load_checked(path: str | Path, model: torch.nn.Module, sig: Mapping[str, Any
                 raise PlanFileError(f"the kernel of {r['node']} does not fit the saved graph.")
             if name is not None:
                 root.register_buffer(name, t)
-        modules[r["plan_node"]] = mod
         static[r["node"]] = (call.op, dict(call.static))
+        i, count = r["part"]
+        if count == 1:
+            modules[r["plan_node"]] = mod
+            continue
+        parts.setdefault(r["plan_node"], []).append((r, mod))
+        if i == count - 1:  # the last part of a decomposition
+            done = parts.pop(r["plan_node"])
+            split = Split(
+                tuple(q["family"] for q, _ in done),
+                tuple(tensors[f"kernel/{q['node']}/mask"] for q, _ in done),
+                tuple(_pattern(q) for q, _ in done),
+            )
+            modules[r["plan_node"]] = Decomposed(split, [m for _, m in done])
     gm = graph_from_json(doc["graph"], root)
     for n in gm.graph.nodes:  # the kernels' keys on this machine
         if n.name in static:
