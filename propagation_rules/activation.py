@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import channel_src, register_through, slice_params
 from sparta.signs import nonzero, positive
 
 from ._util import broadcast_back, broadcast_fwd, full, is_mask, scalar_is_zero
+from .elementwise import POINTWISE
 
 aten = torch.ops.aten
 
@@ -148,3 +150,22 @@ def addc(call: Call) -> Refined:
         tensor1=_back(call, "tensor1", everywhere),
         tensor2=_back(call, "tensor2", t1) if safe else None,
     )
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+# Activations without the pointwise tag: elementwise all the same.
+register_through(
+    aten.hardtanh.default,
+    aten.leaky_relu.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.hardswish.default,
+    aten.hardsigmoid.default,
+    aten.relu6.default if hasattr(aten, "relu6") else None,
+    aten.mish.default,
+    aten.elu.default,
+    emit=POINTWISE.emit,
+)(POINTWISE.layout)
+register_through(aten.prelu.default, aten._prelu_kernel.default, emit=slice_params(1))(channel_src)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import register_through
 
 from ._util import broadcast_back, broadcast_fwd, full, is_mask, scalar_is_zero
 
@@ -159,3 +160,27 @@ def sdpa(call: Call) -> Refined:
         # (forcing False) could mask every key of a row, which gives NaN.
         back["attn_mask"] = broadcast_back(row.expand(batch + (L, S)), m.shape)
     return refine(out=fwd, **back)
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+def _sdpa_layout(a, n, v):
+    """A pruned head disappears: q, k and v compact alike along the head dim, and an attention
+    mask that is the same for every head."""
+    q, k, vv = n.args[:3]
+    c = a.layout.get(q)
+    attn_mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+    mask_ok = attn_mask is None or (
+        attn_mask not in a.layout and _broadcasts_over_heads(a.value(attn_mask))
+    )
+    same = c is not None and c.same(a.layout.get(k)) and c.same(a.layout.get(vv))
+    return c if same and c.dim == v.dim() - 3 and mask_ok else None
+
+
+def _broadcasts_over_heads(mask: torch.Tensor) -> bool:
+    """An attention mask of shape (..., [H,] L, S) that is the same for every head."""
+    return mask.dim() < 3 or mask.shape[-3] == 1
+
+
+register_through(aten.scaled_dot_product_attention.default)(_sdpa_layout)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import aten_op, channel_src, register_through
 
 from ._util import is_mask, nonneg_masks
 
@@ -135,3 +136,25 @@ def adaptive_max_pool(call: Call) -> Refined:
     fwd, back = nonneg_masks(fn, call, ("self",), used=used)
     outs = (fwd, None) if len(call.outputs) > 1 else fwd
     return refine(out=outs, self=back["self"])
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+POOLS = [
+    aten_op(p, o)
+    for p in (
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "adaptive_avg_pool3d",
+        "_adaptive_avg_pool2d",
+    )
+    for o in ("default", "vec")
+]
+register_through(*POOLS)(channel_src)

@@ -14,8 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx as fx
 
 from sparta.registry import Call, Mask, Refined, elementwise, refine, register_rule
+from sparta.shrink_ops import Compact, Through, register_through, tensor_args
 from sparta.signs import nonzero, positive
 
 from ._util import broadcast_back, broadcast_fwd, full, is_mask, scalar_is_zero
@@ -211,3 +213,61 @@ def native_dropout(call: Call) -> Refined:
 def metadata_only(call: Call) -> Refined:
     """Reads only sizes/dtype/device: no element of the input is used."""
     return refine(**{n: full(m.shape, False) for n, m in call.inputs.items() if is_mask(m)})
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+def _pointwise_layout(a, n: fx.Node, v) -> Compact | None:
+    """Elementwise ops with broadcasting: every compact input has the same layout once its dims
+    are aligned to the output; a full-size input is sliced at emit time."""
+    found: Compact | None = None
+    for x in tensor_args(n):
+        c = a.layout.get(x)
+        if c is None:
+            continue
+        xv = a.value(x)
+        if not isinstance(xv, torch.Tensor):
+            return None
+        out_dim = c.dim + v.dim() - xv.dim()
+        cand = Compact(out_dim, c.keep, c.full)
+        if found is not None and not found.same(cand):
+            return None
+        found = cand
+    if found is None or v.shape[found.dim] != found.full:
+        return None
+    return found
+
+
+def _pointwise_emit(em, n: fx.Node, args: tuple, kwargs: dict, c: Compact):
+    """Slice full-size tensor inputs to the kept indices (aligned by broadcasting)."""
+    v = em.value(n)
+
+    def fix(orig, mapped):
+        if isinstance(orig, fx.Node) and orig not in em.layout:
+            xv = em.value(orig)
+            if isinstance(xv, torch.Tensor):
+                d = c.dim - (v.dim() - xv.dim())
+                if d >= 0 and xv.shape[d] == c.full and c.full != 1:
+                    return em.sliced(orig, d, c.keep)
+        return mapped
+
+    args = tuple(fix(o, m) for o, m in zip(n.args, args, strict=True))
+    kwargs = {k: fix(n.kwargs[k], m) for k, m in kwargs.items()}
+    return args, kwargs
+
+
+POINTWISE = Through(_pointwise_layout, _pointwise_emit)
+register_through(torch.Tag.pointwise, emit=_pointwise_emit)(_pointwise_layout)
+
+# Identity-like ops without the pointwise tag.
+register_through(
+    aten.dropout.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.detach.default,
+    emit=_pointwise_emit,
+)(_pointwise_layout)

@@ -9,9 +9,13 @@ otherwise reason per line: an output is pruned if every element it could have re
 
 from __future__ import annotations
 
+import operator
+
 import torch
+import torch.fx as fx
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import Compact, first, register_through
 
 from ._util import full, is_mask
 
@@ -197,3 +201,70 @@ def index_tensor(call: Call) -> Refined:
     indices = tuple(full(m.shape, used) if is_mask(m) else None for m in call.inputs["indices"])
     fwd = None if bool(x.any()) else full(out.shape, False)
     return refine(out=fwd, self=full(x.shape, used), indices=indices)
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+def _cat_layout(a, n, v):
+    tensors = n.args[0]
+    dim = (n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)) % v.dim()
+    lays = [a.layout.get(x) for x in tensors]
+    if all(c is None for c in lays):
+        return None
+    if any(c is not None and c.dim != dim for c in lays):
+        first = next(c for c in lays if c is not None)
+        return first if all(first.same(c) for c in lays) else None
+    keeps, off = [], 0
+    for x, c in zip(tensors, lays, strict=True):
+        size = a.value(x).shape[dim]
+        keeps.append((c.keep if c is not None else torch.arange(size)) + off)
+        off += size
+    return Compact(dim, torch.cat(keeps), off)
+
+
+register_through(aten.cat.default)(_cat_layout)
+SPLITS = {aten.split.Tensor, aten.split_with_sizes.default}
+
+
+def _split_layout(a, n, v):
+    """A split's layout is its input's; each piece (getitem) takes its share."""
+    return first(a, n, v)
+
+
+def _split_sizes(a_value, n: fx.Node) -> tuple[int, list[int]]:
+    src = a_value(n.args[0])
+    dim = (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)) % src.dim()
+    return dim, [p.shape[dim] for p in a_value(n)]
+
+
+def _split_emit(em, n, args, kwargs, c):
+    dim, sizes = _split_sizes(em.value, n)
+    if dim != c.dim:
+        return (args[0], sizes, dim), {}
+    counts, off = [], 0
+    for s in sizes:
+        counts.append(int(((c.keep >= off) & (c.keep < off + s)).sum()))
+        off += s
+    return (args[0], counts, dim), {}
+
+
+def piece_layout(a, n: fx.Node) -> Compact | None:
+    """The layout of ``getitem(split, i)`` when the split runs on a compact value."""
+    split, i = n.args
+    c = a.layout.get(split)
+    if c is None:
+        return None
+    dim, sizes = _split_sizes(a.value, split)
+    if dim != c.dim:
+        return c
+    off = sum(sizes[:i])
+    sel = (c.keep >= off) & (c.keep < off + sizes[i])
+    fill = None if c.fill is None else c.fill[off : off + sizes[i]]
+    return Compact(dim, c.keep[sel] - off, sizes[i], fill)
+
+
+register_through(*SPLITS, emit=_split_emit, op_compact=aten.split_with_sizes.default, pieces=True)(
+    _split_layout
+)
+register_through(operator.getitem)(lambda a, n, v: piece_layout(a, n))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import aten_op, channel_src, register_through, slice_params
 
 from ._util import full, is_mask, scalar_is_zero
 
@@ -208,3 +209,34 @@ def weight_norm(call: Call) -> Refined:
     if len(call.outputs) == 2:
         outs = (fwd, slice_nz.reshape(call.outputs[1].shape))
     return refine(out=outs, g=g_used.reshape(g.shape) if g.numel() == g_used.numel() else None)
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+register_through(
+    aten.batch_norm.default,
+    aten.instance_norm.default,
+    aten_op("_native_batch_norm_legit_no_training", "default"),
+    emit=slice_params(1, 2, 3, 4),
+)(channel_src)
+
+
+def _group_norm_layout(a, n, v):
+    """Whole groups only: a group's statistics see all its channels."""
+    c = channel_src(a, n, v)
+    if c is None:
+        return None
+    per = c.full // n.args[1]
+    groups = torch.unique(c.keep // per)
+    whole = (groups[:, None] * per + torch.arange(per)).flatten()
+    return c if torch.equal(whole, c.keep) else None
+
+
+def _group_norm_emit(em, n, args, kwargs, c):
+    per = c.full // n.args[1]
+    args, kwargs = slice_params(2, 3)(em, n, args, kwargs, c)
+    return (args[0], len(c.keep) // per, *args[2:]), kwargs
+
+
+register_through(aten.group_norm.default, emit=_group_norm_emit)(_group_norm_layout)

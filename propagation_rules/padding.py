@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparta.registry import Call, Refined, refine, register_rule
+from sparta.shrink_ops import aten_op, first, register_through
 
 from ._util import copy_masks, scalar_is_zero
 
@@ -56,3 +57,23 @@ def constant_pad(call: Call) -> Refined:
     nonzero = value is not None and not scalar_is_zero(value)
     fwd, used = copy_masks(call, fill_nonzero=nonzero, override={"value": 0.0})
     return refine(out=fwd, self=used)
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+def _pad_layout(a, n, v):
+    """Padding of the trailing dims only (constant_pad_nd, reflection/replication pads)."""
+    c = first(a, n, v)
+    pad = n.args[1]
+    if c is None or c.dim >= v.dim() - len(pad) // 2:
+        return None
+    return c
+
+
+register_through(
+    aten.constant_pad_nd.default,
+    aten_op("reflection_pad2d", "default"),
+    aten_op("replication_pad2d", "default"),
+    aten_op("pad", "default"),
+)(_pad_layout)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from sparta.registry import Call, Mask, Refined, elementwise, refine, register_rule
+from sparta.shrink_ops import Compact, first, register_through
 
 from ._util import dims_of, full
 
@@ -112,3 +113,23 @@ def diff(call: Call) -> Refined:
     the inputs are unused only when no output is kept."""
     used = bool(call.out.any())
     return refine(**{n: full(m.shape, used) for n, m in call.inputs.items() if m is not None})
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+def _reduce_layout(a, n, v):
+    """mean/sum/amax over dims other than the compact one (the squeeze-excite pool)."""
+    c = first(a, n, v)
+    if c is None or len(n.args) < 2 or not n.args[1]:
+        return None
+    src = a.value(n.args[0])
+    dims = {d % src.dim() for d in n.args[1]}
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if c.dim in dims:
+        return None
+    out_dim = c.dim if keepdim else c.dim - sum(d < c.dim for d in dims)
+    return Compact(out_dim, c.keep, c.full)
+
+
+register_through(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default)(_reduce_layout)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import Compact, aten_op, channel_src, register_through
 
 from ._util import copy_masks, is_mask, nonneg_masks
 
@@ -95,3 +96,40 @@ def affine_grid(call: Call) -> Refined:
     theta, out = call.inputs["theta"], call.out
     used = out.reshape(out.shape[0], -1).any(dim=1)
     return refine(theta=used.reshape(-1, *[1] * (theta.dim() - 1)).expand(theta.shape))
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+UPSAMPLES = [
+    aten_op(p, o)
+    for p in (
+        "upsample_nearest1d",
+        "upsample_nearest2d",
+        "upsample_nearest3d",
+        "upsample_linear1d",
+        "upsample_bilinear2d",
+        "upsample_bicubic2d",
+        "upsample_trilinear3d",
+        "_upsample_nearest_exact2d",
+    )
+    for o in ("default", "vec")
+]
+register_through(*UPSAMPLES)(channel_src)
+
+
+def _pixel_shuffle_layout(a, n, v):
+    c = channel_src(a, n, v)
+    if c is None:
+        return None
+    r2 = n.args[1] ** 2
+    if n.target == aten.pixel_unshuffle.default:
+        keep = (c.keep[:, None] * r2 + torch.arange(r2)).flatten()
+        return Compact(1, keep, c.full * r2)
+    blocks = torch.unique(c.keep // r2)
+    if not torch.equal((blocks[:, None] * r2 + torch.arange(r2)).flatten(), c.keep):
+        return None
+    return Compact(1, blocks, c.full // r2)
+
+
+register_through(aten.pixel_shuffle.default, aten.pixel_unshuffle.default)(_pixel_shuffle_layout)

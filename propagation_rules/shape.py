@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from sparta.registry import Call, Mask, Refined, refine, register_rule
+from sparta.shrink_ops import Compact, first, register_through
 
 from ._util import broadcast_back, broadcast_fwd
 
@@ -103,3 +104,75 @@ def repeat(call: Call) -> Refined:
     tiled = out.reshape([v for r, s in zip(reps, shape) for v in (r, s)])
     back = tiled.any(dim=tuple(range(0, 2 * len(reps), 2))).reshape(x.shape)
     return refine(out=fwd, self=back)
+
+
+# --- Compact layout (shrink: sparta/shrink_ops.py) ----------------------------------------
+
+
+def _transpose_layout(a, n, v):
+    c = first(a, n, v)
+    if c is None:
+        return None
+    d0, d1 = (d % v.dim() for d in n.args[1:3])
+    return Compact({d0: d1, d1: d0}.get(c.dim, c.dim), c.keep, c.full)
+
+
+def _permute_layout(a, n, v):
+    c = first(a, n, v)
+    if c is None:
+        return None
+    return Compact([d % v.dim() for d in n.args[1]].index(c.dim), c.keep, c.full)
+
+
+register_through(aten.transpose.int)(_transpose_layout)
+register_through(aten.permute.default)(_permute_layout)
+
+
+def view_layout(src: torch.Tensor, out: torch.Tensor, c: Compact) -> Compact | None:
+    """The layout of ``src.reshape(out.shape)``: a compact dim merged with others (flatten into
+    a linear: its column blocks) or split into dims of which exactly one carries the kept set
+    (heads)."""
+    m = torch.zeros(src.shape[: c.dim + 1], dtype=torch.bool)
+    m.index_fill_(c.dim, c.keep, True)
+    m = m.reshape(*m.shape, *([1] * (src.dim() - c.dim - 1))).expand(src.shape)
+    try:
+        mo = m.reshape(out.shape)
+    except RuntimeError:
+        return None
+    for j in range(out.dim()):
+        if out.shape[j] == 1:
+            continue
+        others = [d for d in range(out.dim()) if d != j]
+        proj = mo.any(dim=others) if others else mo
+        shape = [1] * out.dim()
+        shape[j] = out.shape[j]
+        if torch.equal(proj.reshape(shape).expand(out.shape), mo):
+            keep = proj.nonzero().flatten()
+            return Compact(j, keep, out.shape[j])
+    return None
+
+
+def _view_layout(a, n, v):
+    c = first(a, n, v)
+    if c is None or not len(c.keep):
+        # Zero width (every unit pruned) fits any dim of the view and makes a -1 ambiguous:
+        # the view gets the full (zero-filled) value.
+        return None
+    return view_layout(a.value(n.args[0]), v, c)
+
+
+def _view_shape(em, n, args, kwargs, c):
+    """A view/reshape of a compact value: its size along the compact dim is the kept count."""
+    shape = list(args[1])
+    if not (isinstance(shape[c.dim], int) and shape[c.dim] == -1):
+        shape[c.dim] = len(c.keep)
+    return (args[0], shape, *args[2:]), kwargs
+
+
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+register_through(*VIEWS, emit=_view_shape)(_view_layout)
+register_through(
+    aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims
+)(_view_layout)

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .calls import bound_arguments
-from .shrink_ops import SPLITS, Compact, lookup_through
+from .shrink_ops import Compact, lookup_through
 
 aten = torch.ops.aten
 LINEAR = aten.linear.default
@@ -218,7 +218,8 @@ def analyse(traced, masks: dict, shrinkable: set[fx.Node]) -> dict[fx.Node, Comp
         v = a.value(n)
         if n.op != "call_function":
             continue
-        if n.target in SPLITS:
+        entry = lookup_through(n.target)
+        if entry is not None and entry.pieces:
             c = _through(a, n, v)
             if c is not None:
                 a.layout[n] = c
