@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from . import plan_cache
+from .choice import Plan
 from .emit import Emitter, pruned_module
 from .errors import InputError, TrainModeError
-from .plan import Plan, back_off, dense_plan, make_plan
+from .plan import back_off, dense_plan, make_plan
 from .progress import Progress
 from .propagate import Attrs, Propagated, run_propagation
 from .reference import copy_module

@@ -28,9 +28,10 @@ import torch
 import torch.fx as fx
 
 from .calls import bound_arguments
+from .choice import Plan
 from .decompose import Decomposed
 from .errors import AttrError, PlanError
-from .plan import MATMULS, Plan
+from .plan import MATMULS
 from .propagate import Propagated
 from .shrink import (
     CONVS,

@@ -16,8 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .choice import Choice, masked_weight
 from .errors import BackendError
-from .plan import Choice, masked_weight
 from .propagate import Propagated
 from .shrink import LINEAR
 from .timing import compare_ms

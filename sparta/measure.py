@@ -20,9 +20,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .choice import Plan, masked_weight
 from .errors import SpartaError
 from .kernels import reference
-from .plan import MATMULS, Plan, _shrunk_call, dense_plan, fusable_activation
+from .plan import MATMULS, dense_plan, fusable_activation
+from .plan_shrink import shrunk_call
 from .timing import compare_ms
 from .trace import record_values
 
@@ -142,8 +144,6 @@ def node_calls(
 ) -> tuple[Callable[[], object], Callable[[], object]]:
     """(dense, chosen) callables of planned node ``n`` on the recorded ``values``, computing the
     same thing (the activation a kernel absorbs is in both), as the planner times them."""
-    from .plan import masked_weight
-
     c = plan.choices[n]
     dev = plan.device
     if n.target in MATMULS:
@@ -166,7 +166,7 @@ def node_calls(
         return act_fn(F.linear(x, w, b))
 
     if c.impl == "shrink":
-        sub = _shrunk_call(p, n, plan.layout, x, w, b, act_fn)
+        sub = shrunk_call(p, n, plan.layout, x, w, b, act_fn)
         return dense, (sub if sub is not None else dense)
     if c.module is None:
         return dense, dense

@@ -35,8 +35,8 @@ from .graph_json import decode, encode, graph_from_json, graph_to_json
 from .tesa import Pattern
 
 if TYPE_CHECKING:
+    from .choice import Plan
     from .compile import CompiledModel
-    from .plan import Plan
     from .propagate import Propagated
 
 FORMAT = 3
@@ -450,8 +450,8 @@ def _report(doc: Mapping, tensors: Mapping[str, torch.Tensor]):
 def replan(source: Mapping[str, Any]) -> tuple[Propagated, Plan]:
     """The propagation and plan of a loaded plan: the model traced again, the saved masks in
     place of propagation, the saved choices and the rebuilt kernels."""
+    from .choice import Choice, Plan
     from .engine import Propagation
-    from .plan import Choice, Plan
     from .propagate import Propagated, resolve_attrs
     from .shrink import analyse
     from .tesa import TeSA

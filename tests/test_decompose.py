@@ -9,7 +9,7 @@ from torch import nn
 
 import sparta
 from sparta import decompose
-from sparta.plan import skips_tiles
+from sparta.families import skips_tiles
 from sparta.tesa import group_counts
 
 

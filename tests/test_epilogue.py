@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sparta.families import FUSES
 from sparta.kernels import epilogue
-from sparta.plan import FUSES, fusable_activation
+from sparta.plan import fusable_activation
 
 TORCH = {
     "relu": torch.relu,

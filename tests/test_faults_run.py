@@ -331,11 +331,11 @@ def _block_model(dev: torch.device):
 @pytest.mark.gpu
 @gpu
 def test_out_of_memory_while_timing_a_candidate(monkeypatch) -> None:
-    import sparta.plan as plan
+    import sparta.families as families
 
     dev = torch.device("cuda")
     model, attrs = _block_model(dev)
-    real = plan._builder
+    real = families.builder
 
     def hungry(family, pattern, device):
         build = real(family, pattern, device)
@@ -355,7 +355,7 @@ def test_out_of_memory_while_timing_a_candidate(monkeypatch) -> None:
 
         return built
 
-    monkeypatch.setattr(plan, "_builder", hungry)
+    monkeypatch.setattr(families, "builder", hungry)
     x = torch.randn(256, 512, device=dev, dtype=torch.float16)
     compiled, messages = compile_caught(model, attrs, x, backends=["dense", "triton"])
     dropped = [m for m in messages if "ran out of device memory" in m]

@@ -258,7 +258,7 @@ def test_planner_picks_sparse_cpu_through_compile() -> None:
     masked = sparta.masked_model(model, attrs)
     x2 = torch.randn(9, 64, generator=gen)
     torch.testing.assert_close(compiled(x2), masked(x2), rtol=1e-4, atol=1e-5)
-    assert "sparse_cpu" in sparta.plan.check_backends(None, torch.device("cpu"))
+    assert "sparse_cpu" in sparta.families.check_backends(None, torch.device("cpu"))
 
 
 def test_small_calls_serial_large_parallel_both_correct(monkeypatch: pytest.MonkeyPatch) -> None:
