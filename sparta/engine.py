@@ -23,6 +23,7 @@ from .calls import bound_arguments, check_refined, make_call
 from .known import known_values, known_zeros
 from .registry import Mask, Refined
 from .signs import Sign, sign_facts
+from .tesa import same
 from .trace import METADATA_OPS, Traced
 
 Value = Mask | tuple[Mask, ...]
@@ -284,17 +285,8 @@ def _union(masks: list[Mask], shape: torch.Size) -> Mask:
 
 def _equal(a: Value, b: Value) -> bool:
     if isinstance(a, torch.Tensor):
-        return _kept(a) == _kept(b)
-    return all(
-        x is y or (x is not None and y is not None and _kept(x) == _kept(y)) for x, y in zip(a, b)
-    )
-
-
-def _kept(m: Mask) -> int:
-    # Masks only shrink, so equal counts mean equal masks; stride-0 views count cheaply.
-    if m.dim() and 0 in m.stride() and m.stride() == (0,) * m.dim():
-        return m.numel() if bool(m.reshape(-1)[:1].all()) else 0
-    return int(torch.count_nonzero(m))
+        return a is b or same(a, b)
+    return all(x is y or (x is not None and y is not None and same(x, y)) for x, y in zip(a, b))
 
 
 def _bound(node: fx.Node) -> dict[str, Any]:
