@@ -20,7 +20,9 @@ interleaved rounds (median and inter-quartile range, ms). The physical floor is
 FLOPs / peak with the peak measured as a large GEMM's rate on this machine.
 
 Usage: ``python bench/bench_shrink_conv.py [--cases vgg,resnet50,mobilenetv2] [--ratios 0.3,0.5]
-[--batches 1,32] [--size 224] [--size32 96] [--rounds 15] [--out bench/results/x.md]``.
+[--batches 1,32] [--size 224] [--size32 96] [--rounds 15] [--device cpu|cuda]
+[--out bench/results/x.md]``. On the GPU every candidate is timed between synchronisations, and
+``sparta.compile`` uses its default GPU runtime (Inductor).
 """
 
 from __future__ import annotations
@@ -40,6 +42,13 @@ import torch.nn as nn
 
 import sparta
 
+DEVICE = torch.device("cpu")  # --device
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, tuple]:
     """Median and quartiles (ms) of each candidate, measured round-robin."""
@@ -50,8 +59,10 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, 
             f()
         for _ in range(rounds):
             for k, f in fns.items():
+                sync()
                 t0 = time.perf_counter()
                 f()
+                sync()
                 samples[k].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for k, v in samples.items():
@@ -75,9 +86,10 @@ def n_params(m: nn.Module) -> int:
 
 
 def gemm_peak_gflops() -> float:
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    n = 1024 if DEVICE.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     t = interleaved({"mm": lambda: a @ b}, 10)["mm"][0]
-    return 2 * 1024**3 / (t * 1e-3) / 1e9
+    return 2 * n**3 / (t * 1e-3) / 1e9
 
 
 def conv_flops(model: nn.Module, x: torch.Tensor) -> float:
@@ -129,7 +141,8 @@ def vgg_case(rounds: int) -> tuple[list[dict], dict]:
             w = w[:, idx] if i != 0 else w
             hand[i].weight.copy_(w)
             hand[i].bias.copy_(b[idx] if i != 6 else b)
-    x = torch.randn(8, 3, 32, 32)
+    x = torch.randn(8, 3, 32, 32, device=DEVICE)
+    model, hand = model.to(DEVICE), hand.to(DEVICE)
     return run_candidates("vgg (48/64 pruned)", model, attrs, x, {"hand-shrunk": hand}, rounds)
 
 
@@ -212,9 +225,10 @@ def cnn_case(name: str, ratio: float, batch: int, size: int, rounds: int):
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
             m.running_var.uniform_(0.5, 1.5)
+    model = model.to(DEVICE)
     groups = prunable_groups(name, model)
     attrs, idxs = channel_attrs(model, groups, ratio)
-    x = torch.randn(batch, 3, size, size)
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
     extra = {}
     tp_model = torch_pruning(folded(model, attrs), idxs, x[:1])
     if tp_model is not None:
@@ -288,8 +302,11 @@ def main() -> None:
     ap.add_argument("--size32", type=int, default=96, help="image size at batches > 1")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     peak = gemm_peak_gflops()
@@ -337,11 +354,11 @@ def render(rows, infos, peak, args) -> str:
     except (OSError, StopIteration):
         pass
     lines = [
-        "# Shrinking CNNs on the CPU (bench/bench_shrink_conv.py)",
+        f"# Shrinking CNNs on {DEVICE.type} (bench/bench_shrink_conv.py)",
         "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
-        f"- CPU: {cpu}, {torch.get_num_threads()} torch threads; the machine was shared with"
-        " other jobs (busy): timings are noisy, see the quartiles",
+        f"- CPU: {cpu}, {torch.get_num_threads()} torch threads"
+        + (f"; GPU: {torch.cuda.get_device_name()} (fp32)" if DEVICE.type == "cuda" else ""),
         f"- python {sys.version.split()[0]}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, torch-pruning {tpv}",
         f"- command: `python bench/bench_shrink_conv.py {' '.join(sys.argv[1:])}`",
