@@ -77,7 +77,7 @@ def folded(model: nn.Module, attrs: dict) -> nn.Module:
     params = dict(m.named_parameters())
     with torch.no_grad():
         for name, mask in attrs.items():
-            params[name].mul_(mask)
+            params[name].mul_(mask.to(params[name].device))
     return m.eval()
 
 
