@@ -146,7 +146,7 @@ class Engine:
         uses = list(self.uses[n].values())
         if isinstance(fwd, torch.Tensor):
             used = _union(uses, fwd.shape)
-            new: Value = fwd & used
+            new: Value = fwd if _all_kept(used) else fwd & used
         else:
             new = tuple(
                 None
@@ -200,7 +200,7 @@ class Engine:
             cur = self.fwd[n]
             if isinstance(cur, torch.Tensor):
                 if outs[0] is not None:
-                    self.fwd[n] = cur & outs[0]
+                    self.fwd[n] = _and(cur, outs[0])
             else:
                 self.fwd[n] = tuple(
                     c if (i >= len(outs) or outs[i] is None or c is None) else c & outs[i]
@@ -209,7 +209,8 @@ class Engine:
         for name, m in refined.inputs.items():
             for key, node, mask in _input_uses(n, name, m):
                 if node in self.uses and (n, *key) in self.uses[node]:
-                    self.uses[node][(n, *key)] = self.uses[node][(n, *key)] & mask
+                    old = self.uses[node][(n, *key)]
+                    self.uses[node][(n, *key)] = _and(old, mask)
                     touched.append(node)
         return [t for t in dict.fromkeys(touched) if self._recompute(t)]
 
@@ -274,9 +275,24 @@ def _nondeterministic(op: Any) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
+def _all_kept(m: Mask) -> bool:
+    """Whether ``m`` is an all-kept mask made by ``_ones`` (a stride-0 view: no work to check)."""
+    return m.data_ptr() == _TRUE.data_ptr() and not any(m.stride())
+
+
+def _and(a: Mask, b: Mask) -> Mask:
+    """``a & b``, skipping the work when either side is all kept (``_ones``)."""
+    if a.shape != b.shape:
+        return a & b
+    return a if _all_kept(b) or a is b else b if _all_kept(a) else a & b
+
+
 def _union(masks: list[Mask], shape: torch.Size) -> Mask:
     if not masks:
         return torch.zeros(shape, dtype=torch.bool)  # nobody reads it
+    for m in masks:
+        if _all_kept(m) and tuple(m.shape) == tuple(shape):
+            return m  # everything is read
     out = masks[0]
     for m in masks[1:]:
         out = out | m
