@@ -18,9 +18,11 @@ from sparta.registry import Call, Mask
 from sparta.tesa import all_, any_, same
 
 __all__ = [
+    "Facts",
     "all_",
     "all_dims",
     "any_",
+    "bool_mm",
     "copied_from",
     "copy_masks",
     "broadcast_back",
@@ -126,27 +128,64 @@ def nonneg_masks(
 
 
 def _rows_equal(m: Mask) -> bool:
+    """All rows of 2-D ``m`` identical: every column constant (max = min, as uint8)."""
     n = m.shape[0]
     if n < 2 or not torch.equal(m[0], m[-1]) or not torch.equal(m[0], m[n // 2]):
         return False  # cheap early exit before the full comparison
     u = m.view(torch.uint8)
-    return all_(u == u[:1])
+    return torch.equal(u.amax(dim=0), u.amin(dim=0))
 
 
-def bool_mm(a: Mask, b: Mask) -> Mask:
+def _cols_equal(m: Mask) -> bool:
+    """All columns of 2-D ``m`` identical: every row constant."""
+    return _rows_equal(m.t())
+
+
+class Facts:
+    """Structure facts of one 2-D mask, computed at most once: all rows identical
+    (``rows``), all columns identical (``cols``). ``t()`` is the transpose's, sharing them, so
+    a rule that multiplies by a mask and by its transpose tests it once."""
+
+    __slots__ = ("flipped", "m", "shared")
+
+    def __init__(self, m: Mask, shared: dict | None = None, flipped: bool = False) -> None:
+        self.m, self.shared, self.flipped = m, {} if shared is None else shared, flipped
+
+    def _get(self, which: str) -> bool:
+        key = which if not self.flipped else {"rows": "cols", "cols": "rows"}[which]
+        if key not in self.shared:
+            base = self.m.t() if self.flipped else self.m
+            self.shared[key] = (_rows_equal if key == "rows" else _cols_equal)(base)
+        return self.shared[key]
+
+    @property
+    def rows(self) -> bool:
+        return self._get("rows")
+
+    @property
+    def cols(self) -> bool:
+        return self._get("cols")
+
+    def t(self) -> Facts:
+        return Facts(self.m.t(), self.shared, not self.flipped)
+
+
+def bool_mm(a: Mask, b: Mask, fa: Facts | None = None, fb: Facts | None = None) -> Mask:
     """Boolean matrix product of 2-D masks: ``out[i, j] = any_k a[i, k] & b[k, j]``.
 
     Structured masks (identical rows or columns, the common case for activations and
-    structured weights) take an O(size) path instead of a float matmul.
+    structured weights) take an O(size) path instead of a float matmul. ``fa``/``fb``: the
+    masks' ``Facts`` when the caller already has them.
     """
+    fa, fb = fa or Facts(a), fb or Facts(b)
     m, n = a.shape[0], b.shape[1]
-    if _rows_equal(a):
-        return bool_mm(a[:1], b).expand(m, n)
-    if n > 1 and _rows_equal(b.t()):
-        return bool_mm(a, b[:, :1]).expand(m, n)
-    if a.shape[1] > 1 and _rows_equal(a.t()):  # every k alike in a
+    if fa.rows:
+        return bool_mm(a[:1], b, None, fb).expand(m, n)
+    if n > 1 and fb.cols:
+        return bool_mm(a, b[:, :1], fa, None).expand(m, n)
+    if a.shape[1] > 1 and fa.cols:  # every k alike in a
         return a[:, :1] & any_(b, dim=0, keepdim=True)
-    if b.shape[0] > 1 and _rows_equal(b):  # every k alike in b
+    if b.shape[0] > 1 and fb.rows:  # every k alike in b
         return any_(a, dim=1, keepdim=True) & b[:1]
     f32 = torch.float32  # converted from uint8: from bool it is ~20x slower (see any_)
     return (a.view(torch.uint8).to(f32) @ b.view(torch.uint8).to(f32)) > 0

@@ -14,6 +14,7 @@ import torch
 from sparta.registry import Call, Mask, Refined, refine, register_rule
 
 from ._util import (
+    Facts,
     bool_mm,
     broadcast_back,
     broadcast_fwd,
@@ -44,9 +45,10 @@ def _mm_masks(x: Mask, w: Mask, out: Mask) -> tuple[Mask, Mask, Mask]:
     """y = x @ w for x (..., K), w (K, N): (forward, x used, w used), exact."""
     k, n = w.shape
     x2, o2 = x.reshape(-1, k), out.reshape(-1, n)
-    fwd = bool_mm(x2, w).reshape(out.shape)
-    x_used = bool_mm(o2, w.t()).reshape(x.shape)
-    w_used = bool_mm(x2.t(), o2)
+    fx, fw, fo = Facts(x2), Facts(w), Facts(o2)  # each structure test runs once
+    fwd = bool_mm(x2, w, fx, fw).reshape(out.shape)
+    x_used = bool_mm(o2, w.t(), fo, fw.t()).reshape(x.shape)
+    w_used = bool_mm(x2.t(), o2, fx.t(), fo)
     return fwd, x_used, w_used
 
 
