@@ -242,8 +242,9 @@ static inline void tile(const float* __restrict xt, const float* __restrict w,
 }
 
 // Few tokens (decode): the weight is read once per call, so this path is bound by weight
-// bandwidth. Rows of a tile are the vector lanes; a pick is a permute of the chunk of x held in a
-// register (AVX-512, m <= 16), or a scalar gather otherwise.
+// bandwidth. (chunk, pick, row) triples of a tile are the vector lanes; a pick is a permute of
+// the chunk of x held in a register (AVX-512, m <= 32), a vector gather (AVX2, n * R <= 8), or
+// a scalar gather otherwise.
 #if NM_AVX512 && NM_N * NM_R <= 16 && NM_M <= 32 && !NM_PERM
 // The permute path below beats a 16-token tile panel up to ~8 tokens on the tile layout
 // (4 tokens: 2x, 8 tokens: 1.1-1.2x; 12-16 tokens: slower). The perm path covers small T itself.
@@ -289,6 +290,47 @@ static void small_t(const float* __restrict x, long T, const float* __restrict v
     for (int t = 0; t < SMALL_T && t < T; ++t) {
       alignas(64) float a[16], z[NM_VL] = {};
       _mm512_store_ps(a, acc[t]);
+      for (int r = 0; r < NM_R; ++r) {
+        float sum = 0.0f;
+        for (int g = 0; g < DG * NM_N; ++g) sum += a[g * NM_R + r];
+        z[r] = sum + ((NM_HAS_BIAS && r < rows) ? bias[rt * NM_R + r] : 0.0f);
+      }
+      vstore(z, activate(vload(z)));
+      std::memcpy(y + t * NM_OUT + rt * NM_R, z, sizeof(float) * rows);
+    }
+#elif NM_AVX2 && NM_N * NM_R <= 8
+    // Lanes = (chunk q < DG, pick j, row r), as the AVX-512 branch above: the DG * n * R values
+    // of DG consecutive chunks are contiguous in the layout; x is gathered at each lane's
+    // input position (lanes past the tile's chunks and picks in the k padding masked off).
+    constexpr int NR = NM_N * NM_R;
+    constexpr int DG = 8 / NR;
+    alignas(32) int32_t qo[8], ln[8];
+    for (int l = 0; l < 8; ++l) {
+      qo[l] = l < DG * NR ? (l / NR) * NM_M : 0;
+      ln[l] = l;
+    }
+    const __m256i qoff = _mm256_load_si256((const __m256i*)qo);
+    const __m256i lane = _mm256_load_si256((const __m256i*)ln);
+    const __m256i kmax = _mm256_set1_epi32(NM_K);
+    __m256 acc[SMALL_T];
+    for (int t = 0; t < SMALL_T; ++t) acc[t] = _mm256_setzero_ps();
+    for (int c = 0; c < NM_C; c += DG) {
+      const int nc = NM_C - c < DG ? NM_C - c : DG;
+      const long o = (long)c * NR;
+      const __m256i kv = _mm256_add_epi32(
+          _mm256_add_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(id + o))), qoff),
+          _mm256_set1_epi32(c * NM_M));
+      const __m256 live = _mm256_castsi256_ps(_mm256_and_si256(
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(nc * NR), lane), _mm256_cmpgt_epi32(kmax, kv)));
+      const __m256 wv = _mm256_and_ps(_mm256_loadu_ps(w + o), live);
+      for (int t = 0; t < SMALL_T && t < T; ++t) {
+        const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), x + t * NM_K, kv, live, 4);
+        acc[t] = _mm256_fmadd_ps(wv, g, acc[t]);
+      }
+    }
+    for (int t = 0; t < SMALL_T && t < T; ++t) {
+      alignas(32) float a[8], z[NM_VL] = {};
+      _mm256_store_ps(a, acc[t]);
       for (int r = 0; r < NM_R; ++r) {
         float sum = 0.0f;
         for (int g = 0; g < DG * NM_N; ++g) sum += a[g * NM_R + r];
