@@ -15,7 +15,9 @@ that hashes everything that determines the plan:
   by other planner code is never reused, whatever the version number says.
 
 ``SPARTA_CACHE=0`` turns it off. An entry that cannot be read (truncated, another format, a
-graph that no longer resolves) is deleted and rebuilt, with a warning.
+graph that no longer resolves) is deleted and rebuilt, with a warning. Entries hold the masked
+weights, so the cache is bounded: after each store the least recently used plans (a hit counts
+as a use) are deleted until all plans fit in ``$SPARTA_PLAN_CACHE_MB`` (default 4096 MB).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from .compile import CompiledModel
 
 SUFFIX = ".sparta"
+DEFAULT_BUDGET_MB = 4096
 _FILES: dict[tuple[str, float, int], str] = {}
 
 
@@ -155,7 +158,9 @@ def lookup(key: str, model: torch.nn.Module, sig: Mapping[str, Any]) -> Compiled
     if not path.exists():
         return None
     try:
-        return load_checked(path, model, sig)
+        loaded = load_checked(path, model, sig)
+        os.utime(path)  # a use: eviction removes the least recently used plans first
+        return loaded
     except Exception as e:  # noqa: BLE001  (any unreadable entry is rebuilt, never trusted)
         warnings.warn(
             f"sparta: the cached plan {path} could not be used ({type(e).__name__}: {e}); "
@@ -174,7 +179,9 @@ def store(key: str, compiled: CompiledModel) -> Path | None:
         return True
 
     try:
-        return cached_file(key, SUFFIX, compiled.save, readable)
+        path = cached_file(key, SUFFIX, compiled.save, readable)
+        evict(budget_bytes(), keep=path)
+        return path
     except SpartaError:
         return None  # e.g. a 2:4 module or an SDDMM kernel: kept in memory only
     except Exception as e:  # noqa: BLE001  (the compiled module is fine; only caching failed)
@@ -186,4 +193,42 @@ def store(key: str, compiled: CompiledModel) -> Path | None:
         return None
 
 
-__all__ = ["enabled", "lookup", "plan_key", "signature", "store"]
+def budget_bytes() -> int:
+    """``$SPARTA_PLAN_CACHE_MB`` (default ``DEFAULT_BUDGET_MB``) in bytes."""
+    raw = os.environ.get("SPARTA_PLAN_CACHE_MB", "").strip()
+    try:
+        mb = float(raw) if raw else DEFAULT_BUDGET_MB
+    except ValueError:
+        warnings.warn(
+            f"sparta: SPARTA_PLAN_CACHE_MB={raw!r} is not a number of megabytes; using "
+            f"{DEFAULT_BUDGET_MB}.",
+            stacklevel=3,
+        )
+        mb = DEFAULT_BUDGET_MB
+    return int(mb * 1024 * 1024)
+
+
+def evict(budget: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used plans until the plans in the cache directory total at most
+    ``budget`` bytes (``keep`` is never deleted); the deleted paths."""
+    entries = []
+    for path in cache_dir().glob(f"plan-*{SUFFIX}"):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # deleted meanwhile by another process
+        entries.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= budget:
+            break
+        if keep is not None and path == keep:
+            continue
+        path.unlink(missing_ok=True)
+        total -= size
+        removed.append(path)
+    return removed
+
+
+__all__ = ["budget_bytes", "enabled", "evict", "lookup", "plan_key", "signature", "store"]

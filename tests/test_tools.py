@@ -287,3 +287,35 @@ def test_measure_save_load_on_cuda_with_an_empty_kernel_cache(tmp_path, monkeypa
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "triton" in done.stdout
+
+
+def test_plan_cache_keeps_the_most_recently_used_plans_within_its_budget(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("SPARTA_CACHE", "1")
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path))
+    model, inputs = mlp()
+    variants = []
+    for seed in range(3):  # three mask sets: three entries
+        attrs = _mlp_attrs(model)
+        attrs["fc3.weight"] = (
+            torch.rand(16, 64, generator=torch.Generator().manual_seed(seed)) < 0.5
+        )
+        variants.append(attrs)
+    sparta.compile(model, variants[0], inputs, measure=False, backends=["dense", "shrink"])
+    (first,) = tmp_path.glob("plan-*.sparta")
+    size = first.stat().st_size
+    monkeypatch.setenv("SPARTA_PLAN_CACHE_MB", str(2.5 * size / 2**20))  # room for two plans
+    os.utime(first, (1, 1))  # long unused
+    sparta.compile(model, variants[1], inputs, measure=False, backends=["dense", "shrink"])
+    assert len(list(tmp_path.glob("plan-*.sparta"))) == 2
+    second = max(tmp_path.glob("plan-*.sparta"), key=lambda p: p.stat().st_mtime)
+    os.utime(second, (2, 2))
+    hit = sparta.compile(model, variants[0], inputs, measure=False, backends=["dense", "shrink"])
+    assert hit.__dict__["_source"] is not None and first.stat().st_mtime > 2  # a hit is a use
+    sparta.compile(model, variants[2], inputs, measure=False, backends=["dense", "shrink"])
+    left = set(tmp_path.glob("plan-*.sparta"))
+    assert len(left) == 2 and first in left and second not in left  # the least recent went
+    monkeypatch.setenv("SPARTA_PLAN_CACHE_MB", "lots")
+    with pytest.warns(UserWarning, match="SPARTA_PLAN_CACHE_MB"):
+        assert sparta.plan_cache.budget_bytes() == sparta.plan_cache.DEFAULT_BUDGET_MB * 2**20
