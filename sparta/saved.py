@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 FORMAT = 3
 KEY = "sparta"
-KERNEL_FAMILIES = ("nm_cpu", "sparse_cpu", "triton")
+KERNEL_FAMILIES = ("nm_cpu", "sparse_cpu", "triton", "triton-swiglu")
 
 
 # ------------------------------------------------------------------ the model's signature
@@ -131,6 +131,7 @@ def _kernel_recipes(
     p: Propagated, plan: Plan, gm: fx.GraphModule, tensors: dict[str, torch.Tensor]
 ) -> tuple[list[dict], set[str]]:
     """How to generate each kernel of ``plan`` again, and the buffers it regenerates."""
+    from .choice import masked_weight
     from .plan import MATMULS, fusable_activation, kernel_operands
 
     by_table: dict[int, fx.Node] = {}
@@ -167,10 +168,14 @@ def _kernel_recipes(
                 raise PlanFileError(f"the kernel of node {n.name} is not in the compiled graph.")
             tables = [a.target if isinstance(a, fx.Node) else None for a in e.args[1:]]
             regenerated.update(t for t in tables if t is not None)
-            tensors[f"kernel/{e.name}/weight"] = pw.detach().cpu().contiguous()
-            tensors[f"kernel/{e.name}/mask"] = pm.cpu().contiguous()
-            if pb is not None:
-                tensors[f"kernel/{e.name}/bias"] = pb.detach().cpu().contiguous()
+            put = {"": (pw, pm, pb)}
+            if c.impl == "triton-swiglu":  # the up projection's weight too (c.fused[1])
+                put["up_"] = masked_weight(p, c.fused[1], plan.device)
+            for pre, (tw, tm, tb) in put.items():
+                tensors[f"kernel/{e.name}/{pre}weight"] = tw.detach().cpu().contiguous()
+                tensors[f"kernel/{e.name}/{pre}mask"] = tm.cpu().contiguous()
+                if tb is not None:
+                    tensors[f"kernel/{e.name}/{pre}bias"] = tb.detach().cpu().contiguous()
             recipes.append(
                 {
                     "node": e.name,
@@ -212,6 +217,14 @@ def _build_kernel(r: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], dev
         from .codegen import triton_gen
 
         return triton_gen.build_block_sparse_linear(w, wm, b, r["activation"], **kw)
+    if r["family"] == "triton-swiglu":
+        from .codegen.triton_swiglu import build_block_sparse_swiglu
+
+        wu = tensors[f"kernel/{r['node']}/up_weight"].to(device)
+        mu = tensors[f"kernel/{r['node']}/up_mask"].to(device)
+        bu = tensors.get(f"kernel/{r['node']}/up_bias")
+        bu = bu.to(device) if bu is not None else None
+        return build_block_sparse_swiglu(w, wm, b, wu, mu, bu, **kw)
     raise PlanFileError(f"unknown kernel family {r['family']!r} in the saved plan.")
 
 

@@ -72,7 +72,7 @@ class Gated(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
-def test_gated_mlp_runs_one_swiglu_kernel_through_compile(monkeypatch) -> None:
+def test_gated_mlp_runs_one_swiglu_kernel_through_compile(monkeypatch, tmp_path) -> None:
     import sparta.fusion as fusion
     from sparta.codegen.triton_ops import BLOCK_SPARSE_SWIGLU
 
@@ -101,3 +101,13 @@ def test_gated_mlp_runs_one_swiglu_kernel_through_compile(monkeypatch) -> None:
             assert float((compiled(fresh) - want).norm() / want.norm()) < 1e-4
     explained = torch._dynamo.explain(compiled)(x)
     assert explained.graph_break_count == 0
+    # a saved plan holds the SwiGLU kernel: loaded without planning, the same answers
+    path = tmp_path / "gated.sparta"
+    compiled.save(path)
+    loaded = sparta.load(path, model)
+    assert {n.name: n.impl for n in loaded.report.nodes} == {
+        n.name: n.impl for n in compiled.report.nodes
+    }
+    with torch.no_grad():
+        fresh = torch.randn(5, 32, device=DEVICE)
+        torch.testing.assert_close(loaded(fresh), compiled(fresh), rtol=0, atol=0)
