@@ -253,6 +253,23 @@ static constexpr int SMALL_T = 8;
 static constexpr int SMALL_T = 3;
 #endif
 
+#if NM_AVX512 || NM_AVX2
+// One token's lane accumulators a[g * NM_R + r] (g < groups) summed per row r, plus bias and
+// activation, stored to the tile's `rows` outputs at yt.
+static_assert(NM_R <= NM_VL, "a tile's rows fit one vector");
+static inline void store_row_sums(const float* a, int groups, const float* __restrict bias,
+                                  int rt, int rows, float* __restrict yt) {
+  alignas(64) float z[NM_VL] = {};
+  for (int r = 0; r < NM_R; ++r) {
+    float sum = 0.0f;
+    for (int g = 0; g < groups; ++g) sum += a[g * NM_R + r];
+    z[r] = sum + ((NM_HAS_BIAS && r < rows) ? bias[rt * NM_R + r] : 0.0f);
+  }
+  vstore(z, activate(vload(z)));
+  std::memcpy(yt, z, sizeof(float) * rows);
+}
+#endif
+
 static void small_t(const float* __restrict x, long T, const float* __restrict vals,
                     const uint8_t* __restrict idx, const float* __restrict bias, float* __restrict y,
                     int rt0, int rt1) {
@@ -288,15 +305,9 @@ static void small_t(const float* __restrict x, long T, const float* __restrict v
       }
     }
     for (int t = 0; t < SMALL_T && t < T; ++t) {
-      alignas(64) float a[16], z[NM_VL] = {};
+      alignas(64) float a[16];
       _mm512_store_ps(a, acc[t]);
-      for (int r = 0; r < NM_R; ++r) {
-        float sum = 0.0f;
-        for (int g = 0; g < DG * NM_N; ++g) sum += a[g * NM_R + r];
-        z[r] = sum + ((NM_HAS_BIAS && r < rows) ? bias[rt * NM_R + r] : 0.0f);
-      }
-      vstore(z, activate(vload(z)));
-      std::memcpy(y + t * NM_OUT + rt * NM_R, z, sizeof(float) * rows);
+      store_row_sums(a, DG * NM_N, bias, rt, rows, y + t * NM_OUT + rt * NM_R);
     }
 #elif NM_AVX2 && NM_N * NM_R <= 8
     // Lanes = (chunk q < DG, pick j, row r), as the AVX-512 branch above: the DG * n * R values
@@ -329,15 +340,9 @@ static void small_t(const float* __restrict x, long T, const float* __restrict v
       }
     }
     for (int t = 0; t < SMALL_T && t < T; ++t) {
-      alignas(32) float a[8], z[NM_VL] = {};
+      alignas(32) float a[8];
       _mm256_store_ps(a, acc[t]);
-      for (int r = 0; r < NM_R; ++r) {
-        float sum = 0.0f;
-        for (int g = 0; g < DG * NM_N; ++g) sum += a[g * NM_R + r];
-        z[r] = sum + ((NM_HAS_BIAS && r < rows) ? bias[rt * NM_R + r] : 0.0f);
-      }
-      vstore(z, activate(vload(z)));
-      std::memcpy(y + t * NM_OUT + rt * NM_R, z, sizeof(float) * rows);
+      store_row_sums(a, DG * NM_N, bias, rt, rows, y + t * NM_OUT + rt * NM_R);
     }
 #else
     for (long t = 0; t < T; ++t) {
