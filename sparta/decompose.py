@@ -20,15 +20,15 @@ Families are named by their parts: ``"nm_cpu+sparse_cpu"``, ``"triton+cusparselt
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from . import families
+from .families import TILE, skips_tiles
 from .tesa import Pattern, block_any, group_counts
 
-TILE = 16  # the block part's granularity: the smallest tile a Triton kernel skips
 BLOCK_FILL = 0.25  # a tile at least this full goes to the block part
 NM_CHOICES = ((1, 4), (2, 4), (1, 8), (2, 8), (3, 8), (4, 8))
 SPARSE_COST = 1.25  # a kept weight in sparse_cpu's tables against one in nm_cpu's, per FMA
@@ -94,24 +94,27 @@ def split_blocks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         F.pad(mask[None].float(), (0, -cols % TILE, 0, -rows % TILE)), TILE, ceil_mode=True
     )[0]
     tiles = fill >= BLOCK_FILL
+
+    def kept_in(tiles: torch.Tensor) -> torch.Tensor:
+        return tiles.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:rows, :cols] & mask
+
     for _ in range(2):  # the tiles of groups that break 2:4 join the block part
-        part = tiles.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:rows, :cols] & mask
-        bad = ~_fits_24(mask & ~part)  # (N, ceil(K/4))
+        bad = ~_fits_24(mask & ~kept_in(tiles))  # (N, ceil(K/4))
         bad = bad.repeat_interleave(4, 1)[:, :cols] & mask
         tiles = tiles | block_any(bad, TILE, TILE)
-    part = tiles.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)[:rows, :cols] & mask
+    part = kept_in(tiles)
     return part, mask & ~part
 
 
-def gpu_split(mask: torch.Tensor, skips: Callable[[torch.Tensor], bool]) -> Split | None:
+def gpu_split(mask: torch.Tensor) -> Split | None:
     """The block + 2:4 split of ``mask``, or None when it does not apply: no 2:4 residual, or a
-    block part whose kernel would skip too little (``skips(part)`` False)."""
+    block part whose kernel would skip too little (``families.skips_tiles``)."""
     if mask.dim() != 2 or mask.shape[-1] % 4:
         return None
     part, rest = split_blocks(mask)
     if not bool(rest.any()) or not bool(part.any()) or not bool(_fits_24(rest).all()):
         return None
-    if not skips(part):
+    if not skips_tiles(part):
         return None
     return Split(
         ("triton", "cusparselt"),
@@ -141,19 +144,14 @@ class Decomposed(torch.nn.Module):
 
 
 def build(
-    split: Split,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    builder: Callable[[str, Pattern], Callable | None],
-    node: str,
-    tokens: int,
+    split: Split, weight: torch.Tensor, bias: torch.Tensor | None, node: str, tokens: int
 ) -> Decomposed | None:
-    """The kernels of ``split`` for the masked ``weight`` (N, K) and ``bias`` (N,) or None;
-    ``builder(family, pattern)`` is the planner's builder; None when a family does not apply
-    here. Raises what a builder raises (BackendError)."""
+    """The kernels of ``split`` for the masked ``weight`` (N, K) and ``bias`` (N,) or None, by
+    each part's family builder (``families.builder``); None when a family does not apply on
+    ``weight``'s device. Raises what a builder raises (BackendError)."""
     parts = []
     for i, (family, m, pattern) in enumerate(zip(split.families, split.masks, split.patterns)):
-        make = builder(family, pattern)
+        make = families.builder(family, pattern, weight.device)
         if make is None:
             return None
         m = m.to(weight.device)

@@ -282,9 +282,7 @@ def _choose(
             key = prefix + split.name
             tokens = xv.numel() // xv.shape[-1]
             try:
-                mod = decompose.build(
-                    split, wv, bv, lambda f, pt: families.builder(f, pt, device), label, tokens
-                )
+                mod = decompose.build(split, wv, bv, label, tokens)
             except BackendError as e:
                 failed.setdefault(split.name, []).append((label, e))
                 mod = None
@@ -324,5 +322,5 @@ def _split(pattern, mask: torch.Tensor, device: torch.device, backends) -> decom
     if device.type == "cpu" and {"nm_cpu", "sparse_cpu"} <= set(backends):
         return decompose.cpu_split(mask)
     if device.type == "cuda" and {"triton", "cusparselt"} <= set(backends):
-        return decompose.gpu_split(mask, skips_tiles)
+        return decompose.gpu_split(mask)
     return None

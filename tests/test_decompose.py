@@ -43,12 +43,12 @@ def test_split_nm_partitions_the_mask(shape, n, m) -> None:
 @pytest.mark.parametrize("shape", [(128, 256), (100, 196)])
 def test_split_blocks_leaves_a_24_residual(shape) -> None:
     mask = blocks_plus_scattered(*shape)
-    split = decompose.gpu_split(mask, skips_tiles)
+    split = decompose.gpu_split(mask)
     assert split is not None and split.name == "triton+cusparselt"
     part, rest = split.masks
     assert torch.equal(part | rest, mask) and not bool((part & rest).any())
     assert bool((group_counts(rest, 4) <= 2).all()) and skips_tiles(part)
-    assert decompose.gpu_split(torch.rand(64, 64) < 0.9, skips_tiles) is None  # no 2:4 rest
+    assert decompose.gpu_split(torch.rand(64, 64) < 0.9) is None  # no 2:4 rest
 
 
 def test_cpu_split_is_proposed_only_where_it_can_pay() -> None:
