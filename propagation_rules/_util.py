@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from sparta.registry import Call, Mask
-from sparta.tesa import all_, any_, same
+from sparta.tesa import all_, any_, broadcast_dims, outer_and, same
 
 __all__ = [
     "Facts",
@@ -130,7 +130,13 @@ def nonneg_masks(
 def _rows_equal(m: Mask) -> bool:
     """All rows of 2-D ``m`` identical: every column constant (max = min, as uint8)."""
     n = m.shape[0]
-    if n < 2 or not torch.equal(m[0], m[-1]) or not torch.equal(m[0], m[n // 2]):
+    if n < 2:
+        return False  # nothing to gain (and bool_mm recurses on one row)
+    if m.stride(0) == 0:
+        return True
+    if 1 in broadcast_dims(m):  # every row constant: test one column
+        m = m[:, :1]
+    if not torch.equal(m[0], m[-1]) or not torch.equal(m[0], m[n // 2]):
         return False  # cheap early exit before the full comparison
     u = m.view(torch.uint8)
     return torch.equal(u.amax(dim=0), u.amin(dim=0))
@@ -184,9 +190,9 @@ def bool_mm(a: Mask, b: Mask, fa: Facts | None = None, fb: Facts | None = None) 
     if n > 1 and fb.cols:
         return bool_mm(a, b[:, :1], fa, None).expand(m, n)
     if a.shape[1] > 1 and fa.cols:  # every k alike in a
-        return a[:, :1] & any_(b, dim=0, keepdim=True)
+        return outer_and(a[:, :1], any_(b, dim=0, keepdim=True))
     if b.shape[0] > 1 and fb.rows:  # every k alike in b
-        return any_(a, dim=1, keepdim=True) & b[:1]
+        return outer_and(any_(a, dim=1, keepdim=True), b[:1])
     f32 = torch.float32  # converted from uint8: from bool it is ~20x slower (see any_)
     return (a.view(torch.uint8).to(f32) @ b.view(torch.uint8).to(f32)) > 0
 

@@ -29,7 +29,8 @@ aten = torch.ops.aten
 
 def _bmm(a: Mask, b: Mask) -> Mask:
     """Boolean matmul with broadcasting: (a @ b)[i, j] = any_k a[i, k] & b[k, j]."""
-    return torch.matmul(a.to(torch.float32), b.to(torch.float32)) > 0
+    f32 = torch.float32  # converted from uint8: from bool it is ~20x slower (sparta.tesa.any_)
+    return torch.matmul(a.view(torch.uint8).to(f32), b.view(torch.uint8).to(f32)) > 0
 
 
 @register_rule(

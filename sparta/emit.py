@@ -46,6 +46,7 @@ from .shrink import (
     unit_fill,
 )
 from .shrink_ops import lookup_through
+from .tesa import reduced
 from .value_range import all_true, all_zero, value_ranges
 
 aten = torch.ops.aten
@@ -87,15 +88,6 @@ def pruned_module(gm: fx.GraphModule, plan: Plan) -> fx.GraphModule:
             delattr(out, name)
             out.register_parameter(name, torch.nn.Parameter(buf.clone()))
     return out
-
-
-def _reduced(mask: torch.Tensor) -> torch.Tensor:
-    """Collapse dims along which the mask is constant, so other batch sizes still work."""
-    for d in range(mask.dim()):
-        first = mask.narrow(d, 0, 1)
-        if torch.equal(first.expand_as(mask), mask):
-            mask = first
-    return mask
 
 
 # Mask arguments an op ignores when they are proven all-True (bool) or all-zero (additive).
@@ -218,7 +210,7 @@ class Emitter:
         given = self.p.given_nodes.get(n)
         if given is None:
             return ph
-        mask = self.attr(_reduced(given), f"mask_{n.name}")
+        mask = self.attr(reduced(given), f"mask_{n.name}")
         return self.g.call_function(apply_input_mask, (ph, mask, n.name))
 
     def _get_attr(self, n: fx.Node) -> fx.Node:

@@ -23,7 +23,7 @@ from .calls import bound_arguments, check_refined, make_call
 from .known import known_values, known_zeros
 from .registry import Mask, Refined
 from .signs import Sign, sign_facts
-from .tesa import same
+from .tesa import all_kept_view, and_, compact, ones, or_, same
 from .trace import METADATA_OPS, Traced
 
 Value = Mask | tuple[Mask, ...]
@@ -54,13 +54,10 @@ def _tensor_like(v: Any) -> bool:
 
 
 def _ones(v: Any) -> Value:
-    """All-kept mask(s) for a value; a stride-0 view, since masks are never updated in place."""
+    """All-kept mask(s) for a value (compact: ``sparta.tesa.ones``)."""
     if isinstance(v, torch.Tensor):
-        return _TRUE.expand(v.shape)
-    return tuple(_TRUE.expand(t.shape) if isinstance(t, torch.Tensor) else None for t in v)
-
-
-_TRUE = torch.ones((), dtype=torch.bool)
+        return ones(v.shape)
+    return tuple(ones(t.shape) if isinstance(t, torch.Tensor) else None for t in v)
 
 
 class Engine:
@@ -86,13 +83,13 @@ class Engine:
         for n in self.nodes:
             v = self.values[n]
             if n in given:
-                self.fwd[n] = given[n].clone()
+                self.fwd[n] = compact(given[n].clone())
             elif n in self.consts and self.consts[n].is_floating_point():
-                self.fwd[n] = self.consts[n] != 0  # known zeros of a constant are pruned
+                self.fwd[n] = compact(self.consts[n] != 0)  # known zeros of a constant are pruned
             else:
                 self.fwd[n] = _ones(v)
             if n in zeros:  # fixed zeros, e.g. softmax over a constant -inf pattern
-                self.fwd[n] = self.fwd[n] & ~zeros[n]
+                self.fwd[n] = and_(self.fwd[n], ~zeros[n])
         self._seed_uses()
         for n in self.nodes:
             self._recompute(n)
@@ -130,7 +127,7 @@ class Engine:
                 elif u.op == "call_function" and u.target is operator.getitem:
                     idx = u.args[1]
                     item = self.values[n][idx]
-                    self.uses[n][(u, idx)] = torch.ones(item.shape, dtype=torch.bool)
+                    self.uses[n][(u, idx)] = ones(item.shape)
                 else:
                     for key in _arg_keys(u, n):
                         self.uses[n][(u, *key)] = _ones(self.values[n])
@@ -146,12 +143,12 @@ class Engine:
         uses = list(self.uses[n].values())
         if isinstance(fwd, torch.Tensor):
             used = _union(uses, fwd.shape)
-            new: Value = fwd if _all_kept(used) else fwd & used
+            new: Value = and_(fwd, used)
         else:
             new = tuple(
                 None
                 if f is None
-                else f & _union([m for (k, m) in self.uses[n].items() if k[1] == i], f.shape)
+                else and_(f, _union([m for (k, m) in self.uses[n].items() if k[1] == i], f.shape))
                 for i, f in enumerate(fwd)
             )
         old = self.mask.get(n)
@@ -190,8 +187,8 @@ class Engine:
         """Run the rule of ``n``; return the values whose mask changed."""
         if n.target is operator.getitem:
             src, idx = n.args[0], n.args[1]
-            self.fwd[n] = self.fwd[n] & self.mask[src][idx]
-            self.uses[src][(n, idx)] = self.uses[src][(n, idx)] & self.mask[n]
+            self.fwd[n] = and_(self.fwd[n], self.mask[src][idx])
+            self.uses[src][(n, idx)] = and_(self.uses[src][(n, idx)], self.mask[n])
             return [t for t in (n, src) if self._recompute(t)]
         refined = self._rule(n)
         touched = [n]
@@ -200,17 +197,17 @@ class Engine:
             cur = self.fwd[n]
             if isinstance(cur, torch.Tensor):
                 if outs[0] is not None:
-                    self.fwd[n] = _and(cur, outs[0])
+                    self.fwd[n] = and_(cur, compact(outs[0]))
             else:
                 self.fwd[n] = tuple(
-                    c if (i >= len(outs) or outs[i] is None or c is None) else c & outs[i]
+                    c if (i >= len(outs) or outs[i] is None or c is None) else and_(c, outs[i])
                     for i, c in enumerate(cur)
                 )
         for name, m in refined.inputs.items():
             for key, node, mask in _input_uses(n, name, m):
                 if node in self.uses and (n, *key) in self.uses[node]:
                     old = self.uses[node][(n, *key)]
-                    self.uses[node][(n, *key)] = _and(old, mask)
+                    self.uses[node][(n, *key)] = and_(old, compact(mask))
                     touched.append(node)
         return [t for t in dict.fromkeys(touched) if self._recompute(t)]
 
@@ -275,27 +272,15 @@ def _nondeterministic(op: Any) -> bool:
     return torch.Tag.nondeterministic_seeded in tags
 
 
-def _all_kept(m: Mask) -> bool:
-    """Whether ``m`` is an all-kept mask made by ``_ones`` (a stride-0 view: no work to check)."""
-    return m.data_ptr() == _TRUE.data_ptr() and not any(m.stride())
-
-
-def _and(a: Mask, b: Mask) -> Mask:
-    """``a & b``, skipping the work when either side is all kept (``_ones``)."""
-    if a.shape != b.shape:
-        return a & b
-    return a if _all_kept(b) or a is b else b if _all_kept(a) else a & b
-
-
 def _union(masks: list[Mask], shape: torch.Size) -> Mask:
     if not masks:
         return torch.zeros(shape, dtype=torch.bool)  # nobody reads it
     for m in masks:
-        if _all_kept(m) and tuple(m.shape) == tuple(shape):
+        if all_kept_view(m) and tuple(m.shape) == tuple(shape):
             return m  # everything is read
     out = masks[0]
     for m in masks[1:]:
-        out = out | m
+        out = or_(out, m)
     return out
 
 

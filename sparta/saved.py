@@ -32,7 +32,7 @@ import torch.fx as fx
 from .decompose import Decomposed, Split
 from .errors import PlanFileError
 from .graph_json import decode, encode, graph_from_json, graph_to_json
-from .tesa import Pattern
+from .tesa import Pattern, reduced
 
 if TYPE_CHECKING:
     from .choice import Plan
@@ -92,25 +92,16 @@ def check_signature(saved: Mapping[str, Any], got: Mapping[str, Any]) -> None:
 # ------------------------------------------------------------------ masks, reduced
 
 
-def _reduced(mask: torch.Tensor) -> torch.Tensor:
-    """The mask with every dim along which it is constant collapsed to size 1."""
-    for d in range(mask.dim()):
-        first = mask.narrow(d, 0, 1)
-        if mask.shape[d] > 1 and torch.equal(first.expand_as(mask), mask):
-            mask = first
-    return mask.contiguous()
-
-
 def _put_masks(masks: Mapping[fx.Node, Any], tensors: dict[str, torch.Tensor]) -> dict:
     shapes: dict[str, Any] = {}
     for n, m in masks.items():
         if isinstance(m, torch.Tensor):
-            tensors[f"pmask/{n.name}"] = _reduced(m.cpu())
+            tensors[f"pmask/{n.name}"] = reduced(m.cpu())
             shapes[n.name] = list(m.shape)
         elif isinstance(m, tuple) and all(x is None or isinstance(x, torch.Tensor) for x in m):
             for i, x in enumerate(m):
                 if x is not None:
-                    tensors[f"pmask/{n.name}/{i}"] = _reduced(x.cpu())
+                    tensors[f"pmask/{n.name}/{i}"] = reduced(x.cpu())
             shapes[n.name] = {"tuple": [None if x is None else list(x.shape) for x in m]}
     return shapes
 
