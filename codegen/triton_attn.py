@@ -52,6 +52,7 @@ class SDDMM(torch.nn.Module):
     def __init__(self, pattern: torch.Tensor, block: int, dtype, device, *, node: str) -> None:
         super().__init__()
         self.m, self.n = pattern.shape
+        self.pattern = pattern.to("cpu")  # what it is built from (saved plans rebuild it)
         device = resolve_device(device)
         self.block, self.tile, self.dtype, self.device = block, block_tile(block), dtype, device
         kb = block_any(pattern.to("cpu"), block, block)
@@ -96,8 +97,9 @@ class SparseInputMatmul(torch.nn.Module):
     def __init__(self, pattern: torch.Tensor, block: int, dtype, device, *, node: str) -> None:
         super().__init__()
         self.m, self.k = pattern.shape
+        self.pattern = pattern.to("cpu")  # what it is built from (saved plans rebuild it)
         device = resolve_device(device)
-        self.tile, self.dtype, self.device = block_tile(block), dtype, device
+        self.block, self.tile, self.dtype, self.device = block, block_tile(block), dtype, device
         tiles = kept_tiles(pattern, self.tile)
         counts = tiles.sum(dim=1)
         ptr = torch.zeros(tiles.shape[0] + 1, dtype=torch.int32)

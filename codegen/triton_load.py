@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sparta.errors import BackendError
-from sparta.kernels.triton_common import interpreter_safe
+from sparta.kernels.triton_common import fp32_precision, interpreter_safe
 
 from .cache import cache_dir, cache_key, cached_file, debug_level, dump_source
 
@@ -53,6 +53,7 @@ def available(device: torch.device | str) -> bool:
 
 def kernel_id(source: str, name: str, dtype: torch.dtype) -> str:
     """Write ``source`` to the cache (once) and return the id of its function ``name``."""
+    source = fp32_precision(source, dtype)
     if interpreting():
         source = interpreter_safe(source, dtype)
     key = cache_key("triton-source", source)

@@ -25,10 +25,14 @@ Tensor = torch.Tensor
 
 
 def _launch(kernel: str, grid: tuple, args: tuple, warps: int, stages: int) -> None:
+    """Launch; every kernel's last argument is its ``tl.constexpr`` tile size. Launch settings and
+    that size are plain ints: under ``torch.compile(dynamic=True)`` they may arrive as SymInts,
+    which Inductor cannot put in a launch config (they are constants: specialised here)."""
     fn = kernel_by_id(kernel)
     if not interpreting():
         fn = torch.library.wrap_triton(fn)
-    fn[grid](*args, num_warps=warps, num_stages=stages)
+    args = (*args[:-1], int(args[-1]))
+    fn[grid](*args, num_warps=int(warps), num_stages=int(stages))
 
 
 def _define(name: str, body: Callable, fake: Callable) -> Callable:
@@ -47,9 +51,12 @@ def _cdiv(a, b: int):
 
 
 def _linear_out(x: Tensor, out_features: int) -> tuple[Tensor, Tensor]:
+    """x as rows (unit stride, 16-byte aligned: a kernel compiled by Inductor for aligned
+    inputs faults on a misaligned view) and the output to fill."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or (x2.storage_offset() * x2.element_size()) % 16 != 0:
+        x2 = torch.empty_like(x2, memory_format=torch.contiguous_format).copy_(x2)  # a new buffer
+        # (not clone: Inductor drops a clone as a no-op and would pass the view on)
     return x2, x.new_empty((x2.shape[0], out_features))
 
 

@@ -17,7 +17,7 @@ import torch.fx as fx
 from sparta.registry import Call, Mask, Refined, refine, register_rule
 from sparta.shrink_ops import Compact, first, register_through
 
-from ._util import full, is_mask
+from ._util import any_, full, is_mask
 
 aten = torch.ops.aten
 
@@ -135,12 +135,12 @@ def embedding(call: Call) -> Refined:
     """out[..., d] = weight[indices[...], d]."""
     w, ids, out = call.inputs["weight"], call.inputs["indices"], call.out
     d = w.shape[-1]
-    col_nz = w.any(dim=0)
+    col_nz = any_(w, dim=0)
     idx = _index_value(call, "indices")
     flat = out.reshape(-1, d)
     if idx is None:
         fwd = col_nz.expand(out.shape)
-        w_used = flat.any(dim=0).expand(w.shape)
+        w_used = any_(flat, dim=0).expand(w.shape)
     else:
         fwd = w[idx]
         count = torch.zeros(w.shape, dtype=torch.float32).index_add_(

@@ -23,7 +23,7 @@ from .calls import bound_arguments, check_refined, make_call
 from .known import known_values, known_zeros
 from .registry import Mask, Refined
 from .signs import Sign, sign_facts
-from .tesa import all_kept_view, and_, compact, ones, or_, same
+from .tesa import all_kept_view, and_, compact, ones, or_, private_copy, same
 from .trace import METADATA_OPS, Traced
 
 Value = Mask | tuple[Mask, ...]
@@ -83,7 +83,7 @@ class Engine:
         for n in self.nodes:
             v = self.values[n]
             if n in given:
-                self.fwd[n] = compact(given[n].clone())
+                self.fwd[n] = compact(private_copy(given[n]))
             elif n in self.consts and self.consts[n].is_floating_point():
                 self.fwd[n] = compact(self.consts[n] != 0)  # known zeros of a constant are pruned
             else:

@@ -7,13 +7,27 @@ from typing import Any
 
 import torch
 
+from .tesa import broadcast_dims, core
+
 aten = torch.ops.aten
 
 
+def _f32(m: torch.Tensor) -> torch.Tensor:
+    return m.view(torch.uint8).to(torch.float32)  # from bool directly is ~20x slower
+
+
 def _pairs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
-    """Multiply-adds a (.., M, K) @ b (.., K, N) must do for kept outputs with both factors kept."""
-    counts = torch.matmul(a.float(), b.float())
-    return int((counts * out.float()).sum())
+    """Multiply-adds a (.., M, K) @ b (.., K, N) must do for kept outputs with both factors kept.
+    A compact 2-D ``b`` (whole rows or columns of a weight, ``sparta.tesa.compact``) is read as
+    its stored slice."""
+    flat = broadcast_dims(b) if b.dim() == 2 else ()
+    if flat == (1,):  # b[k, n] = c[k]: counts[m, n] = (a @ c)[m]
+        counts = torch.matmul(_f32(a), _f32(core(b)))
+    elif flat == (0,):  # b[k, n] = r[n]: counts[m, n] = (kept in a[m]) * r[n]
+        counts = _f32(a).sum(dim=-1, keepdim=True) * _f32(core(b))
+    else:
+        counts = torch.matmul(_f32(a), _f32(b))
+    return int((counts * _f32(out)).sum())
 
 
 def matmul_flops(

@@ -147,11 +147,8 @@ def graph_to_json(gm: fx.GraphModule, skip_buffers: set[str]) -> tuple[dict, dic
                 buffers[str(n.target)] = value
         elif n.op == "call_function":
             entry["target"] = _target_name(n)
-        elif n.op == "call_module":
-            raise PlanFileError(
-                f"node {n.name} calls the module {n.target!r} (2:4 semi-structured weights), "
-                f"which a saved plan cannot hold yet."
-            )
+        elif n.op == "call_module":  # a kernel module; the saved plan holds its recipe
+            entry["target"] = str(n.target)
         entry["args"] = encode(n.args, n.name)
         entry["kwargs"] = encode(n.kwargs, n.name)
         nodes.append(entry)
@@ -180,6 +177,9 @@ def graph_from_json(data: Mapping[str, Any], root: torch.nn.Module) -> fx.GraphM
             target = _target(target)
         elif e["op"] == "placeholder":
             target = e["name"]
+        elif e["op"] == "call_module":
+            if not isinstance(target, str) or not hasattr(root, target):
+                raise PlanFileError(f"the saved graph calls a module {target!r} it does not hold.")
         elif e["op"] != "get_attr":
             raise PlanFileError(f"unknown node kind {e['op']!r} in the saved graph.")
         env[e["name"]] = g.create_node(e["op"], target, args, kwargs, name=e["name"])

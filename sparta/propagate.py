@@ -17,7 +17,7 @@ from .engine import Propagation, propagate_graph
 from .errors import AttrError
 from .flops import matmul_flops
 from .report import NodeEntry, Report, TensorEntry
-from .tesa import Pattern, TeSA, as_tesa, surviving_pattern
+from .tesa import Pattern, TeSA, as_tesa, count_kept, surviving_pattern
 from .trace import Traced, trace
 
 Attrs = Mapping[str, TeSA | torch.Tensor]
@@ -169,8 +169,8 @@ def build_report(
                 name=name,
                 kind=kind,
                 shape=list(m.shape),
-                density_given=float(g.float().mean()) if g is not None and g.numel() else None,
-                density=float(m.float().mean()) if m.numel() else 1.0,
+                density_given=count_kept(g) / g.numel() if g is not None and g.numel() else None,
+                density=count_kept(m) / m.numel() if m.numel() else 1.0,
                 pattern=str(pattern),
                 aliases=traced.names.aliases(name) if kind == "parameter" else [],
             )

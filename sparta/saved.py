@@ -39,9 +39,10 @@ if TYPE_CHECKING:
     from .compile import CompiledModel
     from .propagate import Propagated
 
-FORMAT = 3
+FORMAT = 4
 KEY = "sparta"
-KERNEL_FAMILIES = ("nm_cpu", "sparse_cpu", "triton", "triton-swiglu")
+KERNEL_FAMILIES = ("nm_cpu", "sparse_cpu", "triton", "triton-swiglu", "cusparselt", "triton-sddmm",
+                   "triton-sparse-input")  # fmt: skip
 
 
 # ------------------------------------------------------------------ the model's signature
@@ -125,22 +126,65 @@ def _kernel_recipes(
     from .choice import masked_weight
     from .plan import MATMULS, fusable_activation, kernel_operands
 
-    by_table: dict[int, fx.Node] = {}
+    by_table: dict[int, fx.Node] = {}  # a kernel's packed table -> the kernel's call
     for e in gm.graph.nodes:
-        if e.op == "call_function" and len(e.args) > 1 and isinstance(e.args[1], fx.Node):
-            t = getattr(gm, str(e.args[1].target), None) if e.args[1].op == "get_attr" else None
+        for a in e.args if e.op == "call_function" else ():
+            t = (
+                getattr(gm, str(a.target), None)
+                if isinstance(a, fx.Node) and a.op == "get_attr"
+                else None
+            )
             if isinstance(t, torch.Tensor):
-                by_table[t.data_ptr()] = e
+                by_table.setdefault(t.data_ptr(), e)
+    by_module = {
+        id(gm.get_submodule(str(e.target))): e for e in gm.graph.nodes if e.op == "call_module"
+    }
+
+    def located(n: fx.Node, mod: torch.nn.Module) -> tuple[fx.Node, list, dict]:
+        """The compiled graph's call of kernel ``mod``, its table names and static config."""
+        if hasattr(mod, "op_call"):  # a registered op reading packed tables
+            call = mod.op_call()
+            first = next(t for _, t in call.tables if t is not None)
+            e = by_table.get(first.data_ptr())
+            found = e is not None and e.target is call.op
+            key, n_tables = dict(call.static), len(call.tables)
+        else:  # a submodule (2:4 semi-structured weights), rebuilt from the masked weight
+            e = by_module.get(id(mod))
+            found, key, n_tables = e is not None, {}, 0
+        if not found:
+            raise PlanFileError(f"the kernel of node {n.name} is not in the compiled graph.")
+        args = e.args[len(e.args) - n_tables :]  # the tables follow the activations
+        tables = [a.target if isinstance(a, fx.Node) else None for a in args]
+        regenerated.update(t for t in tables if t is not None)
+        return e, tables, key
+
     recipes, regenerated = [], set()
     for n, c in plan.choices.items():
         if c.impl in ("dense", "shrink", "fused"):
             continue
         families = c.impl.removeprefix("shrink+").split("+")
-        if any(f not in KERNEL_FAMILIES for f in families) or n.target in MATMULS:
+        if any(f not in KERNEL_FAMILIES for f in families):
             raise PlanFileError(
                 f"node {n.name} runs a {c.impl} kernel, which a saved plan cannot hold yet "
-                f"(saved: {', '.join(KERNEL_FAMILIES)} linear kernels and their sums)."
+                f"(saved: {', '.join(KERNEL_FAMILIES)} kernels and their sums)."
             )
+        if n.target in MATMULS:  # attention products: rebuilt from their 2-D pattern
+            e, tables, key = located(n, c.module)
+            tensors[f"kernel/{e.name}/mask"] = c.module.pattern.contiguous()
+            recipes.append(
+                {
+                    "node": e.name,
+                    "plan_node": n.name,
+                    "family": c.impl,
+                    "part": [0, 1],
+                    "block": c.module.block,
+                    "dtype": str(c.module.dtype).removeprefix("torch."),
+                    "tables": tables,
+                    "key": key,
+                    "module": None,
+                }
+            )
+            continue
         w, wm, b, pattern = kernel_operands(p, n, c, plan.device)
         act_node, act = fusable_activation(n)
         x = p.traced.example[n.args[0]]
@@ -152,13 +196,7 @@ def _kernel_recipes(
                 for i, (mod, pm, pat) in enumerate(zip(c.module.parts, split.masks, split.patterns))
             ]
         for i, (mod, pw, pm, pb, pat) in enumerate(parts):
-            call = mod.op_call()
-            first = next(t for _, t in call.tables if t is not None)
-            e = by_table.get(first.data_ptr())
-            if e is None or e.target is not call.op:
-                raise PlanFileError(f"the kernel of node {n.name} is not in the compiled graph.")
-            tables = [a.target if isinstance(a, fx.Node) else None for a in e.args[1:]]
-            regenerated.update(t for t in tables if t is not None)
+            e, tables, key = located(n, mod)
             put = {"": (pw, pm, pb)}
             if c.impl == "triton-swiglu":  # the up projection's weight too (c.fused[1])
                 put["up_"] = masked_weight(p, c.fused[1], plan.device)
@@ -177,7 +215,8 @@ def _kernel_recipes(
                     "nm": [pat.n, pat.m] if pat.kind == "nm" else None,
                     "tokens": x.numel() // x.shape[-1],
                     "tables": tables,
-                    "key": dict(call.static),
+                    "key": key,
+                    "module": e.target if e.op == "call_module" else None,
                 }
             )
     return recipes, regenerated
@@ -190,24 +229,21 @@ def _pattern(r: Mapping[str, Any]) -> Pattern:
 
 
 def _build_kernel(r: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], device):
+    from .families import builder
+
+    if r["family"] in ("triton-sddmm", "triton-sparse-input"):
+        from .codegen import triton_gen
+
+        build = triton_gen.build_sddmm if r["family"] == "triton-sddmm" else (
+            triton_gen.build_sparse_input_matmul)  # fmt: skip
+        pattern = tensors[f"kernel/{r['node']}/mask"]
+        dtype = getattr(torch, r["dtype"])
+        return build(pattern, r["block"], dtype=dtype, device=device, node=r["plan_node"])
     w = tensors[f"kernel/{r['node']}/weight"].to(device)
     wm = tensors[f"kernel/{r['node']}/mask"].to(device)
     b = tensors.get(f"kernel/{r['node']}/bias")
     b = b.to(device) if b is not None else None
     kw = {"node": r["plan_node"], "tokens": r["tokens"]}
-    if r["family"] == "nm_cpu":
-        from .codegen import nm_cpu
-
-        n, m = r["nm"]
-        return nm_cpu.build_nm_linear(w, wm, b, r["activation"], n=n, m=m, **kw)
-    if r["family"] == "sparse_cpu":
-        from .codegen import sparse_cpu
-
-        return sparse_cpu.build_sparse_linear(w, wm, b, r["activation"], **kw)
-    if r["family"] == "triton":
-        from .codegen import triton_gen
-
-        return triton_gen.build_block_sparse_linear(w, wm, b, r["activation"], **kw)
     if r["family"] == "triton-swiglu":
         from .codegen.triton_swiglu import build_block_sparse_swiglu
 
@@ -216,7 +252,10 @@ def _build_kernel(r: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], dev
         bu = tensors.get(f"kernel/{r['node']}/up_bias")
         bu = bu.to(device) if bu is not None else None
         return build_block_sparse_swiglu(w, wm, b, wu, mu, bu, **kw)
-    raise PlanFileError(f"unknown kernel family {r['family']!r} in the saved plan.")
+    build = builder(r["family"], _pattern(r), device) if r["family"] in KERNEL_FAMILIES else None
+    if build is None:
+        raise PlanFileError(f"no {r['family']!r} kernel can be built for {r['node']} on {device}.")
+    return build(w, wm, b, r["activation"], **kw)
 
 
 # ------------------------------------------------------------------ save and load
@@ -391,13 +430,16 @@ def load_checked(path: str | Path, model: torch.nn.Module, sig: Mapping[str, Any
         except KeyError as e:
             msg = f"the saved plan lacks the tensor {e} of kernel {r['node']}."
             raise PlanFileError(msg) from None
-        call = mod.op_call()
-        for (_, t), name in zip(call.tables, r["tables"]):
-            if (t is None) != (name is None):
-                raise PlanFileError(f"the kernel of {r['node']} does not fit the saved graph.")
-            if name is not None:
-                root.register_buffer(name, t)
-        static[r["node"]] = (call.op, dict(call.static))
+        if r["module"] is not None:
+            root.add_module(r["module"], mod)
+        else:
+            call = mod.op_call()
+            for (_, t), name in zip(call.tables, r["tables"]):
+                if (t is None) != (name is None):
+                    raise PlanFileError(f"the kernel of {r['node']} does not fit the saved graph.")
+                if name is not None:
+                    root.register_buffer(name, t)
+            static[r["node"]] = (call.op, dict(call.static))
         i, count = r["part"]
         if count == 1:
             modules[r["plan_node"]] = mod

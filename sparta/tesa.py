@@ -427,7 +427,7 @@ class TeSA:
                 f"Convert with `mask != 0` if it holds 0/1 values."
             )
         # A private, detached CPU copy: the user's tensor is never aliased or modified.
-        self.mask = compact(private_copy(mask))
+        self.mask = private_copy(compact(mask.detach().cpu()))
         if isinstance(pattern, str):
             pattern = Pattern.parse(pattern)
         if pattern is None:

@@ -11,6 +11,8 @@ import torch.nn as nn
 
 import sparta
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
+
 
 class PatternAttention(nn.Module):
     def __init__(self, d: int = 16, length: int = 48, block: int = 16) -> None:
@@ -50,11 +52,27 @@ def test_all_minus_inf_row_is_not_claimed_zero() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32])
 def test_compiles_into_sddmm_and_sparse_input_kernels(dtype) -> None:
     pytest.importorskip("triton")
-    model = PatternAttention().eval().to(dtype)
-    x = torch.randn(2, 48, 16, dtype=dtype)
+    model = PatternAttention().eval().to(DEVICE, dtype)
+    x = torch.randn(2, 48, 16, dtype=dtype, device=DEVICE)
     compiled = sparta.compile(model, {}, (x,), backends=["triton"], measure=False)
     impls = {n.name: n.impl for n in compiled.report.nodes}
     assert impls["matmul"] == "triton-sddmm" and impls["matmul_1"] == "triton-sparse-input"
-    fresh = torch.randn(2, 48, 16, dtype=dtype)
+    fresh = torch.randn(2, 48, 16, dtype=dtype, device=DEVICE)
     with torch.no_grad():
         assert torch.allclose(compiled(fresh), model(fresh), atol=1e-4, rtol=1e-4)
+
+
+def test_saved_plan_holds_sddmm_and_sparse_input_kernels(tmp_path, monkeypatch) -> None:
+    pytest.importorskip("triton")
+    model = PatternAttention().eval().to(DEVICE)
+    x = torch.randn(2, 48, 16, device=DEVICE)
+    compiled = sparta.compile(model, {}, (x,), backends=["triton"], measure=False)
+    compiled.save(tmp_path / "plan.sparta")
+    monkeypatch.setenv("SPARTA_CACHE_DIR", str(tmp_path / "empty"))  # kernels generated again
+    loaded = sparta.load(tmp_path / "plan.sparta", model)
+    impls = {n.name: n.impl for n in loaded.report.nodes}
+    assert impls["matmul"] == "triton-sddmm" and impls["matmul_1"] == "triton-sparse-input"
+    fresh = torch.randn(3, 48, 16, device=DEVICE)  # another batch size
+    with torch.no_grad():
+        assert torch.equal(loaded(fresh), compiled(fresh))
+        assert torch.allclose(loaded(fresh), model(fresh), atol=1e-4, rtol=1e-4)

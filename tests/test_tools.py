@@ -289,6 +289,33 @@ def test_measure_save_load_on_cuda_with_an_empty_kernel_cache(tmp_path, monkeypa
     assert "triton" in done.stdout
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_saved_plan_holds_2to4_semi_structured_kernels(tmp_path) -> None:
+    from models import MLP
+
+    torch.manual_seed(0)
+    model = MLP(d_in=256, hidden=512, d_out=256).eval().cuda().half()
+    gen = torch.Generator().manual_seed(0)
+    attrs = {}
+    for name, p in model.named_parameters():
+        if p.dim() == 2:  # 2:4 along the input features of every linear
+            idx = torch.rand(p.shape[0], p.shape[1] // 4, 4, generator=gen).argsort(-1)[..., :2]
+            nm = torch.zeros(p.shape[0], p.shape[1] // 4, 4, dtype=torch.bool)
+            attrs[name] = nm.scatter_(-1, idx, True).reshape(p.shape)
+    x = torch.randn(128, 256, device="cuda", dtype=torch.half)
+    compiled = sparta.compile(model, attrs, (x,), backends=["cusparselt"], measure=False)
+    assert "cusparselt" in {n.impl for n in compiled.report.nodes}
+    compiled.save(tmp_path / "plan.sparta")
+    loaded = sparta.load(tmp_path / "plan.sparta", model)
+    assert [n.impl for n in loaded.report.nodes] == [n.impl for n in compiled.report.nodes]
+    x2 = torch.randn(96, 256, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x2), compiled(x2), rtol=0, atol=0)
+        want = sparta.masked_model(model, attrs)(x2)
+        torch.testing.assert_close(loaded(x2), want, rtol=2e-2, atol=2e-2)
+
+
 def test_plan_cache_keeps_the_most_recently_used_plans_within_its_budget(tmp_path, monkeypatch):
     import os
 
