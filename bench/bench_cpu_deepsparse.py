@@ -187,6 +187,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--pause", type=float, default=0.1, help="seconds before each timed call")
     ap.add_argument("--no-deepsparse", action="store_true")
+    ap.add_argument("--sparta-mode", default="default", help="sparta.compile's runtime")
     ap.add_argument("--no-inductor", action="store_true", help="skip the torch.compile column")
     ap.add_argument(
         "--compile-per-batch",
@@ -221,7 +222,8 @@ def main() -> None:
     print(
         f"# {args.layers}-layer BERT-base-width encoder, seq 128, fp32, {args.threads} threads; "
         f"{machine()}; {versions}; {datetime.datetime.now().isoformat(timespec='minutes')}; "
-        f"dense GEMM {rate / 1e9:.0f} GFLOP/s; load before: {load()}",
+        f"dense GEMM {rate / 1e9:.0f} GFLOP/s; sparta mode {args.sparta_mode}; "
+        f"load before: {load()}",
         flush=True,
     )
     # One pruned module per batch size for torch.compile: the masks' weights are copied into
@@ -241,7 +243,9 @@ def main() -> None:
                 ids = inputs[b]
                 if compiled is None or args.compile_per_batch:
                     t0 = time.perf_counter()
-                    compiled = sparta.compile(model, attrs, (ids,), measure=False)
+                    compiled = sparta.compile(
+                        model, attrs, (ids,), measure=False, mode=args.sparta_mode
+                    )
                     compile_s = time.perf_counter() - t0
                 engines: dict[str, Callable[[], object]] = {"eager": lambda p=pruned, i=ids: p(i)}
                 if inductor is not None:
