@@ -21,10 +21,10 @@ def _pairs(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> int:
     A compact 2-D ``b`` (whole rows or columns of a weight, ``sparta.tesa.compact``) is read as
     its stored slice."""
     flat = broadcast_dims(b) if b.dim() == 2 else ()
-    if flat == (1,):  # b[k, n] = c[k]: counts[m, n] = (a @ c)[m]
-        counts = torch.matmul(_f32(a), _f32(core(b)))
-    elif flat == (0,):  # b[k, n] = r[n]: counts[m, n] = (kept in a[m]) * r[n]
+    if 0 in flat:  # b[k, n] = r[n]: counts[m, n] = (kept in a[m]) * r[n]
         counts = _f32(a).sum(dim=-1, keepdim=True) * _f32(core(b))
+    elif 1 in flat:  # b[k, n] = c[k]: counts[m, n] = (a @ c)[m]
+        counts = torch.matmul(_f32(a), _f32(core(b)))
     else:
         counts = torch.matmul(_f32(a), _f32(b))
     return int((counts * _f32(out)).sum())

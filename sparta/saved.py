@@ -139,6 +139,7 @@ def _kernel_recipes(
     by_module = {
         id(gm.get_submodule(str(e.target))): e for e in gm.graph.nodes if e.op == "call_module"
     }
+    recipes, regenerated = [], set()
 
     def located(n: fx.Node, mod: torch.nn.Module) -> tuple[fx.Node, list, dict]:
         """The compiled graph's call of kernel ``mod``, its table names and static config."""
@@ -158,7 +159,6 @@ def _kernel_recipes(
         regenerated.update(t for t in tables if t is not None)
         return e, tables, key
 
-    recipes, regenerated = [], set()
     for n, c in plan.choices.items():
         if c.impl in ("dense", "shrink", "fused"):
             continue

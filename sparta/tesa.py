@@ -221,11 +221,8 @@ def private_copy(m: torch.Tensor) -> torch.Tensor:
 
 def count_kept(m: torch.Tensor) -> int:
     """Kept elements of ``m``, counted on its compact core."""
-    dims = broadcast_dims(m)
-    scale = 1
-    for d in dims:
-        scale *= m.shape[d]
-    return int(torch.count_nonzero(_core(m, dims))) * scale
+    c = core(m)
+    return int(torch.count_nonzero(c)) * (m.numel() // c.numel()) if c.numel() else 0
 
 
 # Detection on large masks (activations) first checks a corner of the mask: every test below
@@ -255,9 +252,9 @@ def _structured_dim(mask: torch.Tensor) -> int | None:
     for d in range(mask.dim()):
         if all(i in flat or mask.shape[i] == 1 for i in range(mask.dim()) if i != d):
             return d  # constant along every other dim (a compact row or column mask)
-    core = _core(mask, flat)  # slices along a non-compact dim: the same test on the core
+    c = _core(mask, flat)  # slices along a non-compact dim: the same test on the stored slice
     for d in range(mask.dim()):
-        if d not in flat and _slices_along(_corner(core, (d,), 8), d) and _slices_along(core, d):
+        if d not in flat and _slices_along(_corner(c, (d,), 8), d) and _slices_along(c, d):
             return d
     return None
 
