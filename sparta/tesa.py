@@ -9,6 +9,7 @@ the grouped n:m CPU kernels for ``nm``).
 from __future__ import annotations
 
 import hashlib
+import operator
 import re
 from dataclasses import dataclass
 
@@ -152,26 +153,26 @@ def _shared_core(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return _core(a, dims), _core(b, dims), bool(dims)
 
 
+def _pointwise(op, a: torch.Tensor, b: torch.Tensor, kept_wins: bool) -> torch.Tensor:
+    if a.shape == b.shape:
+        if a is b:
+            return a
+        if all_kept_view(a):  # ``ones`` absorbs (or) or is the identity (and): no work
+            return a if kept_wins else b
+        if all_kept_view(b):
+            return b if kept_wins else a
+    ca, cb, shared = _shared_core(a, b)
+    return op(ca, cb).expand(a.shape) if shared else op(a, b)
+
+
 def and_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a & b``; an all-kept side costs nothing, compact sides stay compact."""
-    if a.shape == b.shape:
-        if a is b or all_kept_view(b):
-            return a
-        if all_kept_view(a):
-            return b
-    ca, cb, shared = _shared_core(a, b)
-    return (ca & cb).expand(a.shape) if shared else a & b
+    return _pointwise(operator.and_, a, b, kept_wins=False)
 
 
 def or_(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a | b``; an all-kept side is the answer, compact sides stay compact."""
-    if a.shape == b.shape:
-        if a is b or all_kept_view(a):
-            return a
-        if all_kept_view(b):
-            return b
-    ca, cb, shared = _shared_core(a, b)
-    return (ca | cb).expand(a.shape) if shared else a | b
+    return _pointwise(operator.or_, a, b, kept_wins=True)
 
 
 def outer_and(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
