@@ -23,7 +23,7 @@ from .calls import bound_arguments, check_refined, make_call
 from .known import known_values, known_zeros
 from .registry import Mask, Refined
 from .signs import Sign, sign_facts
-from .tesa import all_kept_view, and_, compact, ones, or_, private_copy, same
+from .tesa import all_kept_view, and_, compact, ones, or_, same
 from .trace import METADATA_OPS, Traced
 
 Value = Mask | tuple[Mask, ...]
@@ -83,7 +83,7 @@ class Engine:
         for n in self.nodes:
             v = self.values[n]
             if n in given:
-                self.fwd[n] = compact(private_copy(given[n]))
+                self.fwd[n] = compact(given[n])  # masks are never written: no copy needed
             elif n in self.consts and self.consts[n].is_floating_point():
                 self.fwd[n] = compact(self.consts[n] != 0)  # known zeros of a constant are pruned
             else:
@@ -200,7 +200,9 @@ class Engine:
                     self.fwd[n] = and_(cur, compact(outs[0]))
             else:
                 self.fwd[n] = tuple(
-                    c if (i >= len(outs) or outs[i] is None or c is None) else and_(c, outs[i])
+                    c
+                    if (i >= len(outs) or outs[i] is None or c is None)
+                    else and_(c, compact(outs[i]))
                     for i, c in enumerate(cur)
                 )
         for name, m in refined.inputs.items():
