@@ -48,10 +48,11 @@ static inline void vstore(float* p, vf v) { *(vfu*)p = v; }
 // @include cpu_act.inc
 
 // One row over one k block of one panel: V token vectors, U independent partial sums per
-// vector (U * V >= 8 chains hide the FMA latency on two FMA ports).
+// vector (U * V >= 8 chains hide the FMA latency on two FMA ports). The row's sums go to (first
+// block) or are added to its line of the group's tile.
 template <int V>
 static inline void row_block(const float* __restrict xs, const float* __restrict w,
-                             const uint16_t* __restrict o, int cnt, float* __restrict yr,
+                             const uint16_t* __restrict o, int cnt, float* __restrict line,
                              bool first) {
   constexpr int U = 8 / V < 2 ? 2 : 8 / V;
   vf acc[U][V];
@@ -80,22 +81,30 @@ static inline void row_block(const float* __restrict xs, const float* __restrict
     vf s = acc[0][v];
 #pragma GCC unroll 8
     for (int u = 1; u < U; ++u) s += acc[u][v];
-    if (!first) s += vload(yr + v * SP_VL);
-    vstore(yr + v * SP_VL, s);
+    if (!first) s += vload(line + v * SP_VL);
+    vstore(line + v * SP_VL, s);
   }
 }
 
-typedef void (*block_fn)(const float*, const float*, const uint16_t*, int, float*, bool);
+// Rows [ra, rb) of one panel over one k block (slice xs): row r's sums go to (first) or are
+// added to lines + (r - ra) * TT.
 template <int V>
-static void block_entry(const float* xs, const float* w, const uint16_t* o, int cnt, float* yr,
-                        bool first) {
-  row_block<V>(xs, w, o, cnt, yr, first);
+static void rows_block(const float* __restrict xs, const float* __restrict vals,
+                       const uint16_t* __restrict offs, const int32_t* __restrict rp, int ra,
+                       int rb, float* __restrict lines, bool first) {
+  for (int r = ra; r < rb; ++r) {
+    const int32_t s = rp[r];
+    row_block<V>(xs, vals + s, offs + s, rp[r + 1] - s, lines + (long)(r - ra) * TT, first);
+  }
 }
+
+typedef void (*rows_fn)(const float*, const float*, const uint16_t*, const int32_t*, int, int,
+                        float*, bool);
 template <int... I>
-static constexpr std::array<block_fn, sizeof...(I)> make_table(std::integer_sequence<int, I...>) {
-  return {block_entry<I + 1>...};
+static constexpr std::array<rows_fn, sizeof...(I)> make_table(std::integer_sequence<int, I...>) {
+  return {rows_block<I + 1>...};
 }
-static block_fn pick_block(int v) {
+static rows_fn pick_rows(int v) {
   static constexpr auto table = make_table(std::make_integer_sequence<int, SP_TV>{});
   return table[(v < 1 ? 1 : v) - 1];
 }
@@ -154,35 +163,35 @@ static inline void transpose_x(const float* __restrict x, long T, long t0, long 
 #endif
 }
 
-// yt rows [r0, r1) of one panel -> y[t][r] = act(yt[r][t] + bias[r]) for tokens [t0, t0 + tn).
-static inline void store_y(const float* __restrict yt, long t0, long tn, int r0, int r1,
-                           const float* __restrict bias, float* __restrict y) {
+// One group's tile (rn <= 8 rows of TT tokens) -> y[t][g + i] = act(tile[i][t] + bias[g + i])
+// for tokens [t0, t0 + tn): the epilogue, fused into the group's loop while the tile is in L1.
+static inline void store_tile(const float* __restrict tile, long t0, long tn, int g, int rn,
+                              const float* __restrict bias, float* __restrict y) {
 #if SP_X86
-  for (int r = r0; r < r1; r += 8) {
-    const int rn = r1 - r < 8 ? r1 - r : 8;
-    const __m256i mr = lane_mask(rn);
-    v8 bv = v8{};
-    if (SP_HAS_BIAS) bv = (v8)_mm256_maskload_ps(bias + r, mr);
-    for (long tb = 0; tb < tn; tb += 8) {
-      __m256 a[8];
+  const __m256i mr = lane_mask(rn);
+  v8 bv = v8{};
+  if (SP_HAS_BIAS) bv = (v8)_mm256_maskload_ps(bias + g, mr);
+  for (long tb = 0; tb < tn; tb += 8) {
+    __m256 a[8];
 #pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i)
-        a[i] = i < rn ? _mm256_loadu_ps(yt + (long)(r + i) * TT + tb) : _mm256_setzero_ps();
-      transpose8(a);
+    for (int i = 0; i < 8; ++i)
+      a[i] = i < rn ? _mm256_load_ps(tile + i * TT + tb) : _mm256_setzero_ps();
+    transpose8(a);
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        if (tb + j >= tn) break;
-        const v8 z = act_apply<SP_ACT>((v8)a[j] + bv);
-        _mm256_maskstore_ps(y + (t0 + tb + j) * SP_N + r, mr, (__m256)z);
-      }
+    for (int j = 0; j < 8; ++j) {
+      if (tb + j >= tn) break;
+      const v8 z = act_apply<SP_ACT>((v8)a[j] + bv);
+      // a masked store is microcoded on AMD (~10x a plain one): only for a ragged group
+      if (rn == 8) _mm256_storeu_ps(y + (t0 + tb + j) * SP_N + g, (__m256)z);
+      else _mm256_maskstore_ps(y + (t0 + tb + j) * SP_N + g, mr, (__m256)z);
     }
   }
 #else
   for (long t = 0; t < tn; ++t)
-    for (int r = r0; r < r1; ++r) {
+    for (int i = 0; i < rn; ++i) {
       typedef float v1 __attribute__((vector_size(4)));
-      v1 z = v1{} + (yt[(long)r * TT + t] + (SP_HAS_BIAS ? bias[r] : 0.0f));
-      y[(t0 + t) * SP_N + r] = act_apply<SP_ACT>(z)[0];
+      v1 z = v1{} + (tile[i * TT + t] + (SP_HAS_BIAS ? bias[g + i] : 0.0f));
+      y[(t0 + t) * SP_N + g + i] = act_apply<SP_ACT>(z)[0];
     }
 #endif
 }
@@ -205,10 +214,11 @@ extern "C" {
 
 int sp_abi_version(void) { return 1; }
 
-// Scratch floats for T tokens: the transposed x panels and the transposed y panels.
+// Scratch floats for T tokens: the transposed x panels, and with several k blocks the rows'
+// partial sums of every panel.
 long sp_scratch_floats(long T) {
   const long panels = (T + TT - 1) / TT;
-  return panels * (KP + SP_N) * TT;
+  return panels * (KP + (SP_NB > 1 ? SP_N : 0)) * TT;
 }
 
 // x: (T, SP_K) row-major; vals/offs/rowptr/rowtot: the packed weight; bias: (SP_N) or null;
@@ -221,7 +231,7 @@ int sp_forward(const float* x, long T, const float* vals, const uint16_t* offs,
   static_assert((long)SP_KB * TT / 2 <= 65536, "offsets are uint16 in 8-byte units");
   const long panels = (T + TT - 1) / TT;
   float* xt = scratch;
-  float* yt = scratch + panels * KP * TT;
+  float* yt = scratch + panels * KP * TT;  // used when SP_NB > 1
   const long kround = (SP_K + 7) / 8 * 8;
   const long kchunks = (kround + 63) / 64;
   if (nthreads < 1) nthreads = 1;
@@ -238,23 +248,30 @@ int sp_forward(const float* x, long T, const float* vals, const uint16_t* offs,
       }
     }
 #pragma omp barrier
-    // 2. Each thread runs its rows over every panel and k block, then writes its columns of y.
+    // 2. Each thread runs its rows over every panel and k block, then the epilogue writes
+    //    their columns of y, 8 rows at a time. One k block: a group of 8 rows at a time, its
+    //    sums in a tile kept in L1. Several: a k block's slice of x is read by all the thread's
+    //    rows before the next (the slice stays in cache), the partial sums go through yt.
     const int r0 = split_row(rowtot, tid, nth), r1 = split_row(rowtot, tid + 1, nth);
+    alignas(64) float tile[8 * TT];
     for (long p = 0; p < panels; ++p) {
-      const long rem = T - p * TT;
-      const int v = rem >= TT ? SP_TV : (int)((rem + SP_VL - 1) / SP_VL);
-      const block_fn fn = pick_block(v);
-      float* ytp = yt + p * SP_N * TT;
-      for (int b = 0; b < SP_NB; ++b) {
-        const float* xs = xt + (p * KP + (long)b * SP_KB) * TT;
-        const int32_t* rp = rowptr + (long)b * SP_N;
-        for (int r = r0; r < r1; ++r) {
-          const int32_t s = rp[r];
-          fn(xs, vals + s, offs + s, rp[r + 1] - s, ytp + (long)r * TT, b == 0);
+      const long rem = T - p * TT, tn = rem >= TT ? TT : rem;
+      const rows_fn fn = pick_rows(rem >= TT ? SP_TV : (int)((rem + SP_VL - 1) / SP_VL));
+      const float* xp = xt + p * KP * TT;
+      if (SP_NB == 1) {
+        for (int g = r0; g < r1; g += 8) {
+          const int rn = r1 - g < 8 ? r1 - g : 8;
+          fn(xp, vals, offs, rowptr, g, g + rn, tile, true);
+          store_tile(tile, p * TT, tn, g, rn, bias, y);
         }
+      } else {
+        float* ytp = yt + p * SP_N * TT;
+        for (int b = 0; b < SP_NB; ++b)
+          fn(xp + (long)b * SP_KB * TT, vals, offs, rowptr + (long)b * SP_N, r0, r1,
+             ytp + (long)r0 * TT, b == 0);
+        for (int g = r0; g < r1; g += 8)
+          store_tile(ytp + (long)g * TT, p * TT, tn, g, r1 - g < 8 ? r1 - g : 8, bias, y);
       }
-      const long tn = rem >= TT ? TT : rem;
-      store_y(ytp, p * TT, tn, r0, r1, bias, y);
     }
   }
   return 0;
