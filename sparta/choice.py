@@ -20,13 +20,16 @@ class Choice:
     latency_ms: float
     dense_latency_ms: float
     module: torch.nn.Module | None = None  # for generated-kernel families
-    fused: tuple[fx.Node, ...] = ()  # nodes folded into the kernel (its activation)
+    fused: tuple[fx.Node, ...] = ()  # nodes folded into the kernel (activation, siblings)
     candidates: dict[str, float] = field(default_factory=dict)
     reason: str = ""
     # "shrink+<family>": the kernel runs on the shrunk weight; whether it reads the compact
     # input (else the full one).
     reads_compact: bool = False
     in_keep: torch.Tensor | None = None  # the compact input it was built for
+    # A kernel stacking sibling linears (``fusion.choose_siblings``): the output width of this
+    # node and of each node in ``fused``, in order; the kernel's output is their concatenation.
+    splits: tuple[int, ...] = ()
 
     @property
     def shrunk(self) -> bool:

@@ -21,6 +21,7 @@ With no attributes and a dense plan the result has no node the exported graph di
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 from typing import Any
 
@@ -227,6 +228,8 @@ class Emitter:
 
     def _kernel(self, n: fx.Node) -> fx.Node:
         choice = self.plan.choices[n]
+        if choice.splits:  # sibling linears: each reads its slice of the stacked output
+            return self._stacked(n, choice)
         for absorbed in choice.fused:
             self.skip[absorbed] = n
         operands = n.args[:2] if n.target in MATMULS else n.args[:1]
@@ -243,6 +246,18 @@ class Emitter:
             keep = linear_out_keep(masks, n)
             node = self._expand(node, masks[n].dim() - 1, keep, masks[n].shape[-1], n)
         return node
+
+    def _stacked(self, n: fx.Node, choice) -> fx.Node:
+        """One kernel for sibling linears: its output split along the last dim, each slice made
+        contiguous (a consumer may view it as if it were the linear's own output)."""
+        out = self._kernel_call(n, choice.module, (self.full(n.args[0]),), n.name)
+        parts = self.g.call_function(aten.split_with_sizes.default, (out, list(choice.splits), -1))
+        for i, m in enumerate((n, *choice.fused)):
+            part = self.g.call_function(operator.getitem, (parts, i))
+            self.env[m] = self.g.call_function(
+                aten.clone.default, (part,), {"memory_format": torch.contiguous_format}
+            )
+        return self.env[n]
 
     def _kernel_call(self, n: fx.Node, module, acts: tuple, name: str) -> fx.Node:
         if not hasattr(module, "op_call"):  # a module that is not a registered op (2:4 weights)

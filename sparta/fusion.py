@@ -1,4 +1,5 @@
-"""Choices that span several nodes: a gated MLP's gate and up projections as one SwiGLU kernel.
+"""Choices that span several nodes: a gated MLP's gate and up projections as one SwiGLU kernel,
+and sibling linears (one input, several weights: attention's q, k, v) as one kernel.
 
 A group ``mul(silu(linear(x, Wg)), linear(x, Wu))`` (Llama's MLP), where each intermediate has
 no other user, can run as one block-sparse kernel that never writes the two intermediates
@@ -6,6 +7,14 @@ no other user, can run as one block-sparse kernel that never writes the two inte
 already runs for the group (the chosen gate and up implementations and the elementwise
 product) and against dense, the same way as every other candidate, and keeps the fastest.
 The gate node then carries the kernel; the up node is marked ``"fused"`` into it.
+
+Sibling linears, each planned to the same generated CPU kernel family (``sparse_cpu`` or
+``nm_cpu``), can run as one kernel over their weights stacked along the output features (a
+horizontal fusion, as TVM and TensorRT do for q, k and v): the shared input is read and
+transposed once, and one call replaces several. The first sibling in graph order carries the
+kernel (``Choice.splits`` holds each sibling's output width); the others are marked ``"fused"``
+and read their slice of its output. It is kept only where it measured faster than the siblings'
+own kernels.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from . import families
 from .choice import Choice, masked_weight
 from .errors import BackendError
 from .propagate import Propagated
@@ -98,3 +108,80 @@ def choose_swiglu(
         gate: Choice("triton-swiglu", t["triton-swiglu"], t["dense"], mod, (act, up, mul), t, why),
         up: Choice("fused", 0.0, 0.0, None, (), {}, f"computed in {gate.name}'s SwiGLU kernel"),
     }
+
+
+# The kernel families whose kernels of one input may be stacked into one.
+SIBLING_FAMILIES = ("sparse_cpu", "nm_cpu")
+
+
+def sibling_groups(p: Propagated, choices: dict[fx.Node, Choice]) -> list[tuple[fx.Node, ...]]:
+    """Linears reading one input, each planned to one kernel of the same family in
+    ``SIBLING_FAMILIES`` on its full weight with no activation absorbed (for ``nm_cpu``, of one
+    n:m pattern): groups of two or more, each in graph order."""
+    groups: dict[tuple, list[fx.Node]] = {}
+    for n in p.traced.gm.graph.nodes:
+        c = choices.get(n)
+        if c is None or n.target is not LINEAR or c.impl not in SIBLING_FAMILIES or c.fused:
+            continue
+        pat = p.pattern_of(n.args[1])
+        key = (n.args[0], c.impl, (pat.n, pat.m) if c.impl == "nm_cpu" else None)
+        groups.setdefault(key, []).append(n)
+    return [tuple(g) for g in groups.values() if len(g) > 1]
+
+
+def choose_siblings(
+    p: Propagated,
+    group: tuple[fx.Node, ...],
+    choices: dict[fx.Node, Choice],
+    device: torch.device,
+    device_time: bool,
+) -> dict[fx.Node, Choice]:
+    """New choices for ``group`` (see ``sibling_groups``) when one stacked kernel measures
+    faster than the siblings' own kernels; else none."""
+    lead = group[0]
+    family = choices[lead].impl
+    operands = [masked_weight(p, n, device) for n in group]
+    sizes = [int(w.shape[0]) for w, _, _ in operands]
+    w = torch.cat([w for w, _, _ in operands])
+    wm = torch.cat([m for _, m, _ in operands])
+    has_bias = any(b is not None for _, _, b in operands)
+    b = (
+        torch.cat([b if b is not None else w.new_zeros(s) for (_, _, b), s in zip(operands, sizes)])
+        if has_bias
+        else None
+    )
+    x = p.traced.example[lead.args[0]].detach().to(device)
+    name = "+".join(n.name for n in group)
+    try:
+        build = families.builder(family, p.pattern_of(lead.args[1]), device)
+        mod = build(w, wm, b, None, node=name, tokens=x.numel() // x.shape[-1])
+    except BackendError as e:
+        warnings.warn(f"sparta: no stacked {family} kernel for {name}: {e}", stacklevel=2)
+        return {}
+    own = [choices[n].module.op_call() for n in group]
+    stacked = mod.op_call()
+    t = compare_ms(
+        {
+            "per-node": lambda: [c(x) for c in own],
+            "stacked": lambda: [s.contiguous() for s in stacked(x).split(sizes, -1)],  # as emitted
+        },
+        device,
+        device_time=device_time,
+    )
+    if t["stacked"] >= t["per-node"]:
+        return {}
+    timer = "device time" if device_time else "host time per call"
+    why = (
+        f"one {family} kernel for the linears reading {lead.args[0].name} ({name}): "
+        f"stacked {t['stacked']:.4f} ms vs {t['per-node']:.4f} ms as separate kernels ({timer})"
+    )
+    dense_ms = sum(choices[n].dense_latency_ms for n in group)
+    out = {
+        lead: Choice(
+            family, t["stacked"], dense_ms, mod, group[1:], {**choices[lead].candidates, **t},
+            why, splits=tuple(sizes),
+        )
+    }  # fmt: skip
+    for n in group[1:]:
+        out[n] = Choice("fused", 0.0, 0.0, None, (), {}, f"computed in {lead.name}'s kernel: {why}")
+    return out

@@ -153,6 +153,10 @@ def node_calls(
         return dense, (functools.partial(chosen, a, b) if chosen else dense)
     x = values[n.args[0]].detach().to(dev)
     w, _, b = masked_weight(p, n, dev)
+    if c.splits:  # sibling linears stacked into one kernel
+        parts = [masked_weight(p, m, dev) for m in (n, *c.fused)]
+        call = c.module.op_call()
+        return (lambda: [F.linear(x, pw, pb) for pw, _, pb in parts]), (lambda: call(x))
     if c.impl == "triton-swiglu":
         up = c.fused[1]
         wu, _, bu = masked_weight(p, up, dev)

@@ -26,6 +26,7 @@ from . import decompose, families
 from .choice import SHRINK_TIE, Choice, Plan, masked_weight, why
 from .errors import BackendError
 from .families import FUSES, check_backends, skips_tiles
+from .fusion import choose_siblings, choose_swiglu, sibling_groups, swiglu_groups
 from .kernels import epilogue, reference
 from .plan_shrink import choose_conv, final_layout, shrunk_call, shrunk_operands
 from .propagate import Propagated
@@ -135,6 +136,12 @@ def kernel_operands(p: Propagated, n: fx.Node, c: Choice, device: torch.device) 
     compact input's columns when it reads the compact input)."""
     w, wm, b = masked_weight(p, n, device)
     pattern = p.pattern_of(n.args[1])
+    if c.splits:  # sibling linears stacked along the output features
+        parts = [(w, wm, b)] + [masked_weight(p, s, device) for s in c.fused]
+        bias = [q if q is not None else w.new_zeros(k) for (_, _, q), k in zip(parts, c.splits)]
+        has_bias = any(q is not None for _, _, q in parts)
+        w, wm = torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
+        return w, wm, torch.cat(bias) if has_bias else None, pattern
     if not c.impl.startswith("shrink+"):
         return w, wm, b, pattern
     rows = linear_out_keep(p.result.masks, n).to(device)
@@ -183,6 +190,8 @@ def make_plan(
     families.warn_failed(failed)
     if forced:
         families.warn_unapplied(p, choices, backends, device)
+    for group in sibling_groups(p, choices):
+        choices.update(choose_siblings(p, group, choices, device, device_time))
     if "triton" in backends:
         for n in matmul_nodes(p):
             choice = _choose_matmul(p, n, device, backends, device_time)
@@ -191,8 +200,6 @@ def make_plan(
         from .codegen import triton_gen
 
         if triton_gen.available(device):
-            from .fusion import choose_swiglu, swiglu_groups
-
             for group in swiglu_groups(p, linears):
                 choices.update(choose_swiglu(p, group, choices, device, device_time))
     layout = final_layout(p, choices)

@@ -317,6 +317,7 @@ def _document(compiled: CompiledModel) -> tuple[dict, dict[str, torch.Tensor]]:
                 "reason": c.reason,
                 "fused": [f.name for f in c.fused],
                 "reads_compact": c.reads_compact,
+                "splits": list(c.splits),
             }
             for n, c in plan.choices.items()
         },
@@ -534,6 +535,7 @@ def replan(source: Mapping[str, Any]) -> tuple[Propagated, Plan]:
             c["reason"],
             c["reads_compact"],
             tensors.get(f"in_keep/{name}"),
+            tuple(c.get("splits", ())),
         )
     shrunk = {n for n, c in choices.items() if c.shrunk}
     layout = analyse(traced, masks, shrunk) if shrunk else {}

@@ -100,11 +100,13 @@ def test_nm_cpu_forced(name: str) -> None:
     attrs = sparta.sparsify(model, spec)
     compiled = sparta.compile(model, attrs, inputs, backends=["nm_cpu"], measure=False)
     impls = linear_impls(compiled)
-    assert impls.count("nm_cpu") == n_sparse and set(impls) <= {"nm_cpu", "dense"}
+    # siblings (q, k, v) may share one stacked kernel: "fused" into its carrier
+    assert impls.count("nm_cpu") + impls.count("fused") == n_sparse
+    assert set(impls) <= {"nm_cpu", "fused", "dense"}
     from sparta.codegen.cpu_ops import NM_LINEAR
 
     calls = [n for n in compiled.graph_module.graph.nodes if n.target is NM_LINEAR]
-    assert len(calls) == n_sparse  # the emitted graph calls the n:m kernel op
+    assert len(calls) == impls.count("nm_cpu")  # the emitted graph calls the n:m kernel op
     check_outputs(name, model, attrs, compiled, inputs)
 
 
