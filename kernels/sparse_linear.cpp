@@ -238,23 +238,12 @@ int sp_forward(const float* x, long T, const float* vals, const uint16_t* offs,
 #pragma omp parallel num_threads(nthreads)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    // 1. x -> token panels, 64-input chunks shared out among the threads.
-    for (long p = 0; p < panels; ++p) {
-      // every lane the compute reads is written (zeros past T): no stale bits in the FMAs
-      const long rem = T - p * TT, tn = rem >= TT ? TT : (rem + SP_VL - 1) / SP_VL * SP_VL;
-      for (long c = tid; c < kchunks; c += nth) {
-        const long k0 = c * 64, k1 = k0 + 64 < kround ? k0 + 64 : kround;
-        transpose_x(x, T, p * TT, tn, k0, k1, xt + p * KP * TT);
-      }
-    }
-#pragma omp barrier
-    // 2. Each thread runs its rows over every panel and k block, then the epilogue writes
-    //    their columns of y, 8 rows at a time. One k block: a group of 8 rows at a time, its
-    //    sums in a tile kept in L1. Several: a k block's slice of x is read by all the thread's
-    //    rows before the next (the slice stays in cache), the partial sums go through yt.
-    const int r0 = split_row(rowtot, tid, nth), r1 = split_row(rowtot, tid + 1, nth);
     alignas(64) float tile[8 * TT];
-    for (long p = 0; p < panels; ++p) {
+    // Panel p for rows [r0, r1) (x already transposed into xt): the rows over every k block,
+    // then the epilogue writes their columns of y, 8 rows at a time. One k block: a group of
+    // 8 rows at a time, its sums in a tile kept in L1. Several: a k block's slice of x is read
+    // by all the rows before the next (the slice stays in cache), the partial sums go through yt.
+    auto run_panel = [&](long p, int r0, int r1) {
       const long rem = T - p * TT, tn = rem >= TT ? TT : rem;
       const rows_fn fn = pick_rows(rem >= TT ? SP_TV : (int)((rem + SP_VL - 1) / SP_VL));
       const float* xp = xt + p * KP * TT;
@@ -272,6 +261,32 @@ int sp_forward(const float* x, long T, const float* vals, const uint16_t* offs,
         for (int g = r0; g < r1; g += 8)
           store_tile(ytp + (long)g * TT, p * TT, tn, g, r1 - g < 8 ? r1 - g : 8, bias, y);
       }
+    };
+    // every lane the compute reads is written (zeros past T): no stale bits in the FMAs
+    auto lanes = [&](long p) {
+      const long rem = T - p * TT;
+      return rem >= TT ? TT : (rem + SP_VL - 1) / SP_VL * SP_VL;
+    };
+    if (panels >= 2 * nth && (panels % nth == 0 || panels >= 4 * nth)) {
+      // Many panels: each thread takes a run of whole panels (runs within one panel of each
+      // other in length), transposes one and runs every row over it while it is still in L2
+      // (no barrier, no trip through L3).
+      const long pa = panels * tid / nth, pb = panels * (tid + 1) / nth;
+      for (long p = pa; p < pb; ++p) {
+        transpose_x(x, T, p * TT, lanes(p), 0, kround, xt + p * KP * TT);
+        run_panel(p, 0, SP_N);
+      }
+    } else {
+      // Few panels: the threads share each panel's transpose (64-input chunks), meet at a
+      // barrier, then each runs its rows (split by kept weights) over every panel.
+      for (long p = 0; p < panels; ++p)
+        for (long c = tid; c < kchunks; c += nth) {
+          const long k0 = c * 64, k1 = k0 + 64 < kround ? k0 + 64 : kround;
+          transpose_x(x, T, p * TT, lanes(p), k0, k1, xt + p * KP * TT);
+        }
+#pragma omp barrier
+      const int r0 = split_row(rowtot, tid, nth), r1 = split_row(rowtot, tid + 1, nth);
+      for (long p = 0; p < panels; ++p) run_panel(p, r0, r1);
     }
   }
   return 0;

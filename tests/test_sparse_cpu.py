@@ -112,13 +112,15 @@ def test_k_blocks_threads_and_batched_input(isa: str) -> None:
     mask[100:140] = False
     mod = sparse_cpu.build_sparse_linear(weight, mask, bias, "gelu", isa=isa, k_block=40)
     assert "#define SP_NB 25\n" in mod.source
-    x = torch.randn(2, 65, 1000, generator=gen)
-    ref = dense_reference(x, weight, mask, bias, "gelu")
     old = torch.get_num_threads()
     try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            torch.testing.assert_close(mod(x), ref, rtol=1e-4, atol=1e-4)
+        # 130 tokens: few panels, threads split the rows; 300: panels split among threads
+        for tokens in (65, 150):
+            x = torch.randn(2, tokens, 1000, generator=gen)
+            ref = dense_reference(x, weight, mask, bias, "gelu")
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                torch.testing.assert_close(mod(x), ref, rtol=1e-4, atol=1e-4)
     finally:
         torch.set_num_threads(old)
     assert mod(x[:, :0]).shape == (2, 0, 301)
