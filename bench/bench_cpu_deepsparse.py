@@ -265,7 +265,9 @@ def main() -> None:
                             load_weights(inductor_model, pruned)
                         errs[name] = (fn() - ref).abs().max().item()
                 impls = collections.Counter(
-                    n.impl for n in compiled.report.nodes if n.latency_ms and n.impl
+                    n.impl  # "fused": a sibling linear computed in another's stacked kernel
+                    for n in compiled.report.nodes
+                    if n.impl and (n.latency_ms or n.impl == "fused")
                 )
                 setups.append((case, b, engines, {"errs": errs, "impls": impls, "s": compile_s}))
                 print(f"# built {case} batch {b}: sparta.compile {compile_s:.0f} s", flush=True)
