@@ -65,6 +65,17 @@ def masked_weight(p: Propagated, n: fx.Node, device: torch.device) -> tuple:
     return w * wm, wm, b
 
 
+def stacked_weight(p: Propagated, nodes: tuple[fx.Node, ...], device: torch.device) -> tuple:
+    """Sibling linears' masked weights, masks and biases stacked along the output features (a
+    missing bias as zeros; None when none has one), and each one's output width."""
+    parts = [masked_weight(p, n, device) for n in nodes]
+    sizes = tuple(int(w.shape[0]) for w, _, _ in parts)
+    w, wm = torch.cat([w for w, _, _ in parts]), torch.cat([m for _, m, _ in parts])
+    biases = [b if b is not None else w.new_zeros(k) for (_, _, b), k in zip(parts, sizes)]
+    has_bias = any(b is not None for _, _, b in parts)
+    return w, wm, torch.cat(biases) if has_bias else None, sizes
+
+
 def why(impl: str, t: dict[str, float], allowed: dict[str, float], device_time: bool) -> str:
     timer = "device time" if device_time else "host time per call"
     ranked = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]))

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import families
-from .choice import Choice, masked_weight
+from .choice import Choice, masked_weight, stacked_weight
 from .errors import BackendError
 from .propagate import Propagated
 from .shrink import LINEAR
@@ -140,16 +140,7 @@ def choose_siblings(
     faster than the siblings' own kernels; else none."""
     lead = group[0]
     family = choices[lead].impl
-    operands = [masked_weight(p, n, device) for n in group]
-    sizes = [int(w.shape[0]) for w, _, _ in operands]
-    w = torch.cat([w for w, _, _ in operands])
-    wm = torch.cat([m for _, m, _ in operands])
-    has_bias = any(b is not None for _, _, b in operands)
-    b = (
-        torch.cat([b if b is not None else w.new_zeros(s) for (_, _, b), s in zip(operands, sizes)])
-        if has_bias
-        else None
-    )
+    w, wm, b, sizes = stacked_weight(p, group, device)
     x = p.traced.example[lead.args[0]].detach().to(device)
     name = "+".join(n.name for n in group)
     try:
@@ -163,7 +154,8 @@ def choose_siblings(
     t = compare_ms(
         {
             "per-node": lambda: [c(x) for c in own],
-            "stacked": lambda: [s.contiguous() for s in stacked(x).split(sizes, -1)],  # as emitted
+            # timed as emitted: each sibling's slice made contiguous
+            "stacked": lambda: [s.contiguous() for s in stacked(x).split(list(sizes), -1)],
         },
         device,
         device_time=device_time,
@@ -179,7 +171,7 @@ def choose_siblings(
     out = {
         lead: Choice(
             family, t["stacked"], dense_ms, mod, group[1:], {**choices[lead].candidates, **t},
-            why, splits=tuple(sizes),
+            why, splits=sizes,
         )
     }  # fmt: skip
     for n in group[1:]:

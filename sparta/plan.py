@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import decompose, families
-from .choice import SHRINK_TIE, Choice, Plan, masked_weight, why
+from .choice import SHRINK_TIE, Choice, Plan, masked_weight, stacked_weight, why
 from .errors import BackendError
 from .families import FUSES, check_backends, skips_tiles
 from .fusion import choose_siblings, choose_swiglu, sibling_groups, swiglu_groups
@@ -137,11 +137,8 @@ def kernel_operands(p: Propagated, n: fx.Node, c: Choice, device: torch.device) 
     w, wm, b = masked_weight(p, n, device)
     pattern = p.pattern_of(n.args[1])
     if c.splits:  # sibling linears stacked along the output features
-        parts = [(w, wm, b)] + [masked_weight(p, s, device) for s in c.fused]
-        bias = [q if q is not None else w.new_zeros(k) for (_, _, q), k in zip(parts, c.splits)]
-        has_bias = any(q is not None for _, _, q in parts)
-        w, wm = torch.cat([q[0] for q in parts]), torch.cat([q[1] for q in parts])
-        return w, wm, torch.cat(bias) if has_bias else None, pattern
+        w, wm, b, _ = stacked_weight(p, (n, *c.fused), device)
+        return w, wm, b, pattern
     if not c.impl.startswith("shrink+"):
         return w, wm, b, pattern
     rows = linear_out_keep(p.result.masks, n).to(device)
