@@ -285,7 +285,7 @@ def test_demo_runs_as_a_module(tmp_path: Path) -> None:
     assert float(errors.group(1)) < 1e-4 and float(errors.group(2)) < 1e-4
     report = json.loads((out / "report.json").read_text())
     impls = {n["impl"] for n in report["nodes"] if n["target"] == "aten.linear.default"}
-    assert impls <= {"dense", "shrink", "nm_cpu", "sparse_cpu"}
+    assert impls <= {"dense", "shrink", "nm_cpu", "sparse_cpu", "fused"}  # fused: stacked q/k/v
     assert report["latency_compiled_ms"] > 0
     if (out / "density.png").exists():
         assert (out / "density.png").read_bytes()[:4] == b"\x89PNG"
