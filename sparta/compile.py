@@ -27,6 +27,7 @@ from .report import Report
 from .runtime import Runtime, build, resolve
 from .saved import signature
 from .timing import compare_ms
+from .trace import specialised_sizes
 
 WHOLE_TOL = 1.02  # the whole sparse graph may measure up to 2% slower (noise) before back-off
 MAX_BACK_OFFS = 6
@@ -172,15 +173,25 @@ def check_eval_mode(model: torch.nn.Module) -> None:
 @dataclass(frozen=True)
 class InputSignature:
     """The device (and, for floating-point tensors, the dtype) of each tensor argument of the
-    example: generated kernels are specialised to them, so a call with another is an
-    ``InputError`` naming the argument instead of a failure inside a kernel."""
+    example, and the dims torch.export fixed to the example's size 1 (``trace.specialised_sizes``):
+    generated kernels are specialised to the first, and the graph may have baked the second into
+    its views (a batch of 2 folded into another dim), so a call with another is an
+    ``InputError`` naming the argument instead of a failure inside a kernel or a wrong answer.
+    Other shapes are not checked: the graph takes any batch, sequence or rank the model takes."""
 
     expected: Mapping[int | str, tuple[torch.dtype, torch.device]]  # position or name
+    sizes: Mapping[int | str, tuple[int | None, ...]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, example_inputs: tuple, example_kwargs: Mapping[str, Any]) -> InputSignature:
+    def of(
+        cls,
+        example_inputs: tuple,
+        example_kwargs: Mapping[str, Any],
+        sizes: Mapping[int | str, tuple[int | None, ...]] | None = None,
+    ) -> InputSignature:
         items = [*enumerate(example_inputs), *example_kwargs.items()]
-        return cls({k: (v.dtype, v.device) for k, v in items if isinstance(v, torch.Tensor)})
+        expected = {k: (v.dtype, v.device) for k, v in items if isinstance(v, torch.Tensor)}
+        return cls(expected, dict(sizes or {}))
 
     def check(self, args: tuple, kwargs: Mapping[str, Any]) -> None:
         for key, (dtype, device) in self.expected.items():  # per call: only the example's
@@ -199,6 +210,22 @@ class InputSignature:
                     f"Pass .to({dtype}, {str(device)!r}) or compile again with an example of "
                     f"this dtype and device."
                 )
+            self._check_sizes(key, value)
+
+    def _check_sizes(self, key: int | str, value: torch.Tensor) -> None:
+        fixed = self.sizes.get(key)
+        if fixed is None or value.dim() != len(fixed):
+            return
+        bad = [d for d, f in enumerate(fixed) if f is not None and value.shape[d] != f]
+        if not bad:
+            return
+        what = f"argument {key}" if isinstance(key, int) else f"argument {key!r}"
+        d = bad[0]
+        raise InputError(
+            f"{what} has shape {tuple(value.shape)}, but the example had size {fixed[d]} in dim "
+            f"{d}, which torch.export fixed (the compiled graph may hold that size in its "
+            f"views): compile again with an example of size 2 or more there (e.g. a batch of 2)."
+        )
 
 
 def _device_of(model: torch.nn.Module, example_inputs: tuple) -> torch.device:
@@ -275,7 +302,9 @@ def compile(
     finally:
         bar.close()
     report = _fill_report(p.report, plan, runtime, notes, whole)
-    inputs = InputSignature.of(example_inputs, dict(example_kwargs or {}))
+    kw = dict(example_kwargs or {})
+    sizes = specialised_sizes(p.traced, model, example_inputs, kw)
+    inputs = InputSignature.of(example_inputs, kw, sizes)
     out = CompiledModel(gm, report, plan, runtime, p, input_signature=inputs)
     out.__dict__["_example"] = (example_inputs, dict(example_kwargs or {}))
     out.__dict__["_model"] = model

@@ -20,6 +20,7 @@ own kernels.
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -160,14 +161,16 @@ def choose_siblings(
         device,
         device_time=device_time,
     )
-    if t["stacked"] >= t["per-node"]:
-        return {}
     timer = "device time" if device_time else "host time per call"
-    why = (
-        f"one {family} kernel for the linears reading {lead.args[0].name} ({name}): "
-        f"stacked {t['stacked']:.4f} ms vs {t['per-node']:.4f} ms as separate kernels ({timer})"
-    )
+    timed = f"stacked {t['stacked']:.4f} ms vs {t['per-node']:.4f} ms as separate kernels ({timer})"
+    if t["stacked"] >= t["per-node"]:  # say so: "not stacked" is then a measured decision
+        c = choices[lead]
+        return {lead: replace(c, reason=f"{c.reason}; one kernel with {name}: {timed}, not kept")}
     dense_ms = sum(choices[n].dense_latency_ms for n in group)
+    why = (
+        f"one {family} kernel for the linears reading {lead.args[0].name} ({name}): {timed}; "
+        f"dense {dense_ms:.4f} ms for them together"
+    )
     out = {
         lead: Choice(
             family, t["stacked"], dense_ms, mod, group[1:], {**choices[lead].candidates, **t},

@@ -303,6 +303,7 @@ def _document(compiled: CompiledModel) -> tuple[dict, dict[str, torch.Tensor]]:
         "backends": list(plan.backends),
         "timer": plan.timer,
         "dynamic": p.traced.dynamic,
+        "input_sizes": [[k, list(v)] for k, v in compiled.input_signature.sizes.items()],
         "inputs": _put_inputs(args, kwargs, tensors),
         "graph": graph,
         "kernels": recipes,
@@ -463,7 +464,8 @@ def load_checked(path: str | Path, model: torch.nn.Module, sig: Mapping[str, Any
     runtime = resolve(doc["mode"], device)
     source = {"doc": doc, "tensors": tensors, "model": model, "modules": modules, "report": report}
     example = _get_inputs(doc, tensors, device)
-    inputs = InputSignature.of(example[0], example[1])
+    sizes = {k: tuple(v) for k, v in doc.get("input_sizes", [])}
+    inputs = InputSignature.of(example[0], example[1], sizes)
     out = CompiledModel(gm, report, None, runtime, None, source=source, input_signature=inputs)
     out.__dict__["_signature"] = doc["signature"]
     out.__dict__["_example"] = example

@@ -81,6 +81,27 @@ def _export(model, args, kwargs, dynamic_shapes):
         return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes)
 
 
+def specialised_sizes(
+    traced: Traced, model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
+) -> dict[int | str, tuple[int | None, ...]]:
+    """Per tensor argument of the example (by position, or by name for keyword arguments), the
+    dims torch.export fixed because the example had size 0 or 1 there (its 0/1 specialisation:
+    the graph may have baked that size into views), as that size; None for every other dim.
+    Arguments with no such dim are left out."""
+    names = list(_bind_inputs(model, args, kwargs))
+    out: dict[int | str, tuple[int | None, ...]] = {}
+    for key, value in [*enumerate(args), *kwargs.items()]:
+        name = names[key] if isinstance(key, int) and key < len(names) else key
+        ph = traced.inputs.get(name) if isinstance(value, torch.Tensor) else None
+        val = ph.meta.get("val") if ph is not None else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        sizes = tuple(s if isinstance(s, int) and s in (0, 1) else None for s in val.shape)
+        if any(s is not None for s in sizes):
+            out[key] = sizes
+    return out
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: tuple,

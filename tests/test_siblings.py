@@ -112,6 +112,7 @@ def test_siblings_stay_separate_when_stacking_measures_slower(monkeypatch) -> No
     compiled = sparta.compile(model, attrs, (x,), backends=["sparse_cpu"], measure=False)
     assert {c.impl for c in compiled.plan.choices.values()} == {"sparse_cpu"}
     assert not any(c.splits for c in compiled.plan.choices.values())
+    assert sum("not kept" in c.reason for c in compiled.plan.choices.values()) == 1  # q says why
     check_against_reference(compiled, model, attrs)
 
 
