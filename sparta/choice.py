@@ -76,8 +76,13 @@ def stacked_weight(p: Propagated, nodes: tuple[fx.Node, ...], device: torch.devi
     return w, wm, torch.cat(biases) if has_bias else None, sizes
 
 
+def timer_label(device_time: bool) -> str:
+    """How candidates were timed, as reasons and reports say it."""
+    return "device time" if device_time else "host time per call"
+
+
 def why(impl: str, t: dict[str, float], allowed: dict[str, float], device_time: bool) -> str:
-    timer = "device time" if device_time else "host time per call"
+    timer = timer_label(device_time)
     ranked = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]))
     if impl != min(allowed, key=allowed.get):
         tie = f"shrink within {SHRINK_TIE - 1:.0%} of the fastest, kept as a layout choice"

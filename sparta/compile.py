@@ -267,6 +267,7 @@ def compile(
     """
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    kw = dict(example_kwargs or {})
     check_eval_mode(model)
     dev = torch.device(device) if device is not None else _device_of(model, example_inputs)
     runtime = resolve(mode, dev)
@@ -275,7 +276,6 @@ def compile(
         sig = signature(model)
         options = {"device": str(dev), "backends": None if backends is None else tuple(backends),
                    "mode": mode, "strict": strict, "measure": measure}  # fmt: skip
-        kw = dict(example_kwargs or {})
         key = plan_cache.plan_key(model, attrs, example_inputs, kw, options, sig)
         hit = plan_cache.lookup(key, model, sig)
         if hit is not None:
@@ -296,17 +296,15 @@ def compile(
         gm, notes = emit(p, plan)
         whole = None
         if measure:
-            kw = dict(example_kwargs or {})
             plan, gm, notes, whole = _check_whole(p, plan, gm, notes, runtime, example_inputs, kw)
         bar.advance("done")
     finally:
         bar.close()
     report = _fill_report(p.report, plan, runtime, notes, whole)
-    kw = dict(example_kwargs or {})
     sizes = specialised_sizes(p.traced, model, example_inputs, kw)
     inputs = InputSignature.of(example_inputs, kw, sizes)
     out = CompiledModel(gm, report, plan, runtime, p, input_signature=inputs)
-    out.__dict__["_example"] = (example_inputs, dict(example_kwargs or {}))
+    out.__dict__["_example"] = (example_inputs, kw)
     out.__dict__["_model"] = model
     out.__dict__["_signature"] = sig
     if key is not None:

@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from . import families
-from .choice import Choice, masked_weight, stacked_weight
+from .choice import Choice, masked_weight, stacked_weight, timer_label
 from .errors import BackendError
 from .propagate import Propagated
 from .shrink import LINEAR
@@ -102,7 +102,7 @@ def choose_swiglu(
     )
     if t["triton-swiglu"] >= t["per-node"]:
         return {}
-    timer = "device time" if device_time else "host time per call"
+    timer = timer_label(device_time)
     ranked = ", ".join(f"{k} {v:.4f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]))
     why = f"fastest for silu({gate.name}) * {up.name}: {ranked} ms ({timer})"
     return {
@@ -161,7 +161,7 @@ def choose_siblings(
         device,
         device_time=device_time,
     )
-    timer = "device time" if device_time else "host time per call"
+    timer = timer_label(device_time)
     timed = f"stacked {t['stacked']:.4f} ms vs {t['per-node']:.4f} ms as separate kernels ({timer})"
     if t["stacked"] >= t["per-node"]:  # say so: "not stacked" is then a measured decision
         c = choices[lead]

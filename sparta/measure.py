@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .choice import Plan, masked_weight
+from .choice import Plan, masked_weight, timer_label
 from .errors import SpartaError
 from .kernels import reference
 from .plan import MATMULS, dense_plan, fusable_activation
@@ -152,11 +152,11 @@ def node_calls(
         dense = functools.partial(torch.matmul, a, b)
         return dense, (functools.partial(chosen, a, b) if chosen else dense)
     x = values[n.args[0]].detach().to(dev)
-    w, _, b = masked_weight(p, n, dev)
     if c.splits:  # sibling linears stacked into one kernel
         parts = [masked_weight(p, m, dev) for m in (n, *c.fused)]
         call = c.module.op_call()
         return (lambda: [F.linear(x, pw, pb) for pw, _, pb in parts]), (lambda: call(x))
+    w, _, b = masked_weight(p, n, dev)
     if c.impl == "triton-swiglu":
         up = c.fused[1]
         wu, _, bu = masked_weight(p, up, dev)
@@ -248,5 +248,5 @@ def measure(
     whole = time_graphs(
         {"dense": dense_gm, "compiled": compiled.graph_module}, runtime, inputs, kwargs
     )
-    timer = "device time" if runtime.device_time else "host time per call"
+    timer = timer_label(runtime.device_time)
     return Measurement(whole["compiled"], whole["dense"], nodes, timer, str(dev))

@@ -134,11 +134,11 @@ def kernel_operands(p: Propagated, n: fx.Node, c: Choice, device: torch.device) 
     """The masked weight, mask, bias and pattern the kernel of choice ``c`` for linear ``n``
     was built from: the full weight, or for ``shrink+<family>`` its kept output rows (and the
     compact input's columns when it reads the compact input)."""
-    w, wm, b = masked_weight(p, n, device)
     pattern = p.pattern_of(n.args[1])
     if c.splits:  # sibling linears stacked along the output features
         w, wm, b, _ = stacked_weight(p, (n, *c.fused), device)
         return w, wm, b, pattern
+    w, wm, b = masked_weight(p, n, device)
     if not c.impl.startswith("shrink+"):
         return w, wm, b, pattern
     rows = linear_out_keep(p.result.masks, n).to(device)
