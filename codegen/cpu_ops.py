@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from sparta.codegen.cache import cache_dir
-from sparta.errors import BackendError
+from sparta.errors import BackendError, InputError
 
 # family -> (ABI version symbol, version)
 ABI = {"nm_cpu": ("nm_abi_version", 3), "sparse_cpu": ("sp_abi_version", 1)}
@@ -116,7 +116,11 @@ def _check_x(x: torch.Tensor, in_features: int, family: str) -> torch.Tensor:
             f"cast with x.float().cpu() or use the dense implementation."
         )
     if x.dim() == 0 or x.shape[-1] != in_features:
-        raise BackendError(f"expected inputs of shape (..., {in_features}), got {tuple(x.shape)}.")
+        raise InputError(
+            f"the {family} kernel of this layer takes inputs of shape (..., {in_features}), got "
+            f"{tuple(x.shape)}: the model was called with another feature size than its example "
+            f"(or the layer's input is wrongly shaped); pass inputs of the example's feature size."
+        )
     return x.reshape(-1, in_features).contiguous()
 
 

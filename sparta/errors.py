@@ -58,7 +58,8 @@ class TrainModeError(SpartaError, RuntimeError):
 
 
 class InputError(SpartaError, ValueError):
-    """An input of a compiled model differs from what it was compiled for (dtype, device)."""
+    """An input of a compiled model differs from what it was compiled for (dtype, device, a dim
+    torch.export fixed, or the feature size a generated kernel takes)."""
 
 
 class PlanError(SpartaError, ValueError):

@@ -175,8 +175,9 @@ def build_report(
                 aliases=traced.names.aliases(name) if kind == "parameter" else [],
             )
         )
+    params = {n: name for n, (name, kind) in names.items() if kind == "parameter"}
     nodes = [
-        _node_entry(traced, n, result)
+        _node_entry(n, result, params)
         for n in traced.gm.graph.nodes
         if n.op == "call_function" and n in result.masks
     ]
@@ -193,8 +194,11 @@ def build_report(
     )
 
 
-def _node_entry(traced: Traced, n: fx.Node, result: Propagation) -> NodeEntry:
-    entry = NodeEntry(name=n.name, target=str(n.target), rule=result.rules.get(n, "-"))
+def _node_entry(n: fx.Node, result: Propagation, params: Mapping[fx.Node, str]) -> NodeEntry:
+    weight = next((params[a] for a in n.all_input_nodes if a in params), "")
+    entry = NodeEntry(
+        name=n.name, target=str(n.target), rule=result.rules.get(n, "-"), weight=weight
+    )
     out = result.masks[n]
     if isinstance(out, torch.Tensor) and isinstance(n.target, torch._ops.OpOverload):
         masks = {

@@ -27,6 +27,7 @@ class NodeEntry:
     name: str
     target: str
     rule: str
+    weight: str = ""  # the first parameter among the node's inputs (its primary name), if any
     impl: str = "dense"
     latency_ms: float | None = None
     dense_latency_ms: float | None = None

@@ -25,7 +25,8 @@ def _tensor_rows(report: Report, include_dense_activations: bool) -> list[list[s
                 "x".join(map(str, t.shape)),
                 _fmt(t.density_given, ".1%"),
                 f"{t.density:.1%}",
-                t.pattern,
+                # pruned = zeroing it changes no output: index math the plan made dead, too
+                "empty (all zero or unused)" if t.pattern == "empty" else t.pattern,
             ]
         )
     return rows
@@ -39,8 +40,8 @@ def _node_rows(report: Report) -> list[list[str]]:
         rows.append(
             [
                 n.name,
+                n.weight or "-",
                 n.target,
-                n.rule,
                 n.impl,
                 _fmt(n.latency_ms),
                 _fmt(n.dense_latency_ms),
@@ -52,7 +53,7 @@ def _node_rows(report: Report) -> list[list[str]]:
 
 
 TENSOR_HEAD = ["tensor", "kind", "shape", "given", "propagated", "pattern"]
-NODE_HEAD = ["node", "target", "rule", "impl", "ms", "dense ms", "flops kept", "why"]
+NODE_HEAD = ["node", "weight", "target", "impl", "ms", "dense ms", "flops kept", "why"]
 
 
 def render_text(report: Report, include_dense_activations: bool = False) -> str:

@@ -71,7 +71,9 @@ def test_report_contract_and_inputs_untouched() -> None:
     for t in d["tensors"]:
         assert set(t) >= {"name", "kind", "shape", "density_given", "density", "pattern"}
     for n in d["nodes"]:
-        assert set(n) >= {"name", "target", "rule", "impl", "latency_ms", "dense_latency_ms"}
+        assert set(n) >= {"name", "target", "rule", "weight", "impl", "latency_ms"}
+    linears = [n for n in report.nodes if n.target == "aten.linear.default"]
+    assert [n.weight for n in linears][:2] == ["fc1.weight", "fc2.weight"]
     w = report.tensor("fc1.weight")
     assert w.density_given == pytest.approx(mask.float().mean().item())
     x_density = x_mask.float().mean().item()
@@ -83,6 +85,7 @@ def test_report_contract_and_inputs_untouched() -> None:
         torch.equal(mask, mask_copy) and torch.equal(x, x_copy) and torch.equal(x_mask, x_mask_copy)
     )
     assert "weights kept" in str(report)
+    assert any("linear_1 " in line and "fc2.weight" in line for line in str(report).splitlines())
 
 
 def test_pruned_output_unit_propagates_backward_to_previous_layer() -> None:

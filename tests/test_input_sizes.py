@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import sparta
+from sparta.codegen import nm_cpu
 from sparta.errors import InputError
 from sparta.sparsifiers import Magnitude
 from tests.models import bert, mlp
@@ -38,3 +39,19 @@ def test_shapes_of_a_batch_of_two_are_free() -> None:
         for shape in ((2, 32), (7, 32), (3, 5, 32)):
             fresh = torch.randn(shape)
             torch.testing.assert_close(compiled(fresh), model(fresh))
+
+
+def test_a_wrong_feature_size_at_a_generated_kernel_is_an_input_error(tmp_path) -> None:
+    """A generated CPU kernel names the feature size it takes, as an InputError (the dims
+    export kept static are not checked up front: a CNN takes other image sizes)."""
+    if not nm_cpu.available():
+        pytest.skip("no C++ compiler")
+    model, (x,) = mlp()
+    attrs = sparta.sparsify(model, {"fc1.weight": Magnitude(0.9)})
+    compiled = sparta.compile(model, attrs, (x,), backends=["sparse_cpu"], measure=False)
+    assert compiled.report.node("linear").impl == "sparse_cpu"
+    path = tmp_path / "mlp.sparta"
+    compiled.save(path)
+    for m in (compiled, sparta.load(path, model)):
+        with pytest.raises(InputError, match=r"shape \(\.\.\., 32\), got \(4, 33\)"):
+            m(torch.randn(4, 33))

@@ -15,7 +15,7 @@ import torch
 
 import sparta
 from sparta.codegen import cache, cpu_ops, nm_cpu, sparse_cpu
-from sparta.errors import BackendError
+from sparta.errors import BackendError, InputError
 from sparta.kernels.nm_layout import dense_reference
 from sparta.kernels.sparse_layout import k_blocking, pack_sparse, unpack_sparse
 
@@ -137,7 +137,7 @@ def test_rejects_bad_input() -> None:
     mod = sparse_cpu.build_sparse_linear(weight, mask)
     with pytest.raises(BackendError, match="float32"):
         mod(torch.randn(3, 16, dtype=torch.float64))
-    with pytest.raises(BackendError, match=r"\(\.\.\., 16\)"):
+    with pytest.raises(InputError, match=r"\(\.\.\., 16\)"):
         mod(torch.randn(3, 17))
 
 
