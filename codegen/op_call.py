@@ -21,16 +21,17 @@ same as calling its ``OpCall`` on the activations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 Static = int | float | str | bool
 
 
-@dataclass(frozen=True)
-class OpCall:
-    """One generated kernel as the emitted graph calls it (see the module docstring)."""
+class OpCall(NamedTuple):
+    """One generated kernel as the emitted graph calls it (see the module docstring). A named
+    tuple, not a dataclass: a kernel module's ``forward`` builds one per call, and Dynamo
+    (torch 2.11) fails on a frozen dataclass built inside a traced ``forward``."""
 
     op: torch._ops.OpOverload
     tables: tuple[tuple[str, torch.Tensor | None], ...]  # (name, tensor or None if absent)

@@ -172,10 +172,11 @@ def check_eval_mode(model: torch.nn.Module) -> None:
 
 @dataclass(frozen=True)
 class InputSignature:
-    """The device (and, for floating-point tensors, the dtype) of each tensor argument of the
-    example, and the dims torch.export fixed to the example's size 1 (``trace.specialised_sizes``):
-    generated kernels are specialised to the first, and the graph may have baked the second into
-    its views (a batch of 2 folded into another dim), so a call with another is an
+    """The device and dtype of each tensor argument of the example (integer ids may be any
+    integer dtype), and the dims torch.export fixed to the example's size 1
+    (``trace.specialised_sizes``): generated kernels are specialised to the first, and the
+    graph may have baked the second into its views (a batch of 2 folded into another dim), so a
+    call with another is an
     ``InputError`` naming the argument instead of a failure inside a kernel or a wrong answer.
     Other shapes are not checked: the graph takes any batch, sequence or rank the model takes."""
 
@@ -201,8 +202,11 @@ class InputSignature:
                 value = kwargs.get(key)
             if not isinstance(value, torch.Tensor):
                 continue
-            float_mismatch = dtype.is_floating_point and value.dtype != dtype
-            if value.device != device or float_mismatch:
+            if dtype.is_floating_point or dtype == torch.bool:
+                mismatch = value.dtype != dtype
+            else:  # integer ids: any integer dtype
+                mismatch = value.dtype.is_floating_point or value.dtype == torch.bool
+            if value.device != device or mismatch:
                 what = f"argument {key}" if isinstance(key, int) else f"argument {key!r}"
                 raise InputError(
                     f"{what} is {value.dtype} on {value.device}, but the model was compiled "
@@ -323,6 +327,8 @@ def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
     """Time the compiled graph against the dense graph in the same way; while it loses, turn
     back to dense the sparse nodes that saved least alone (half of them per step)."""
     timer = "device time, CUDA-graph replay" if runtime.device_time else "host time per call"
+    if runtime.kind != "eager":
+        timer += ", without Inductor"  # both sides lose the same fusions (docs/design.md)
     if not plan.sparse():  # the compiled graph is the dense graph
         t = time_graphs({"dense": gm}, runtime, inputs, kwargs)
         return plan, gm, notes, WholeGraph(t["dense"], t["dense"], f"{timer} of the fx graph")

@@ -168,7 +168,7 @@ def choose_siblings(
         return {lead: replace(c, reason=f"{c.reason}; one kernel with {name}: {timed}, not kept")}
     dense_ms = sum(choices[n].dense_latency_ms for n in group)
     why = (
-        f"one {family} kernel for the linears reading {lead.args[0].name} ({name}): {timed}; "
+        f"one {family} kernel for the linears sharing their input ({name}): {timed}; "
         f"dense {dense_ms:.4f} ms for them together"
     )
     out = {

@@ -159,6 +159,7 @@ def lookup(key: str, model: torch.nn.Module, sig: Mapping[str, Any]) -> Compiled
         return None
     try:
         loaded = load_checked(path, model, sig)
+        loaded.report.origin = f"plan from the plan cache ({path})"
         os.utime(path)  # a use: eviction removes the least recently used plans first
         return loaded
     except Exception as e:  # noqa: BLE001  (any unreadable entry is rebuilt, never trusted)

@@ -51,6 +51,7 @@ class Report:
     runtime: str = ""  # what runs the compiled graph (sparta.compile's mode)
     rewrites: list[str] = field(default_factory=list)  # graph rewrites beyond the plan
     whole: dict[str, Any] | None = None  # whole graph vs dense graph, timed the same way
+    origin: str = ""  # where a loaded plan came from ("" when compiled in this process)
 
     # ------------------------------------------------------------- queries
 
@@ -94,8 +95,10 @@ class Report:
         given, after = self.weight_density()
         fd = sum(n.flops_dense for n in self.nodes)
         fs = sum(n.flops_sparse for n in self.nodes)
-        parts = [
-            f"weights kept {given:.1%} given -> {after:.1%} after propagation",
+        parts = [f"{self.origin} (the timings are those of the compile that saved it)"]
+        parts = parts if self.origin else []
+        parts += [
+            f"weights kept {given:.1%} given -> {after:.1%} after propagation (all parameters)",
             f"matmul FLOPs {fd / 1e6:.1f}M dense -> {fs / 1e6:.1f}M sparse"
             + (f" ({fd / fs:.2f}x fewer)" if fs else ""),
             f"propagation {self.propagation_s * 1e3:.0f} ms in {self.sweeps} sweeps",
@@ -132,6 +135,7 @@ class Report:
             "runtime": self.runtime,
             "rewrites": list(self.rewrites),
             "whole": self.whole,
+            "origin": self.origin,
         }
 
     def to_json(self, path: str | None = None) -> str:

@@ -461,6 +461,7 @@ def load_checked(path: str | Path, model: torch.nn.Module, sig: Mapping[str, Any
             n.target, n.kwargs = static[n.name]
     gm.recompile()
     report = _report(doc, tensors)
+    report.origin = f"plan loaded from {path}"
     runtime = resolve(doc["mode"], device)
     source = {"doc": doc, "tensors": tensors, "model": model, "modules": modules, "report": report}
     example = _get_inputs(doc, tensors, device)

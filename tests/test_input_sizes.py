@@ -55,3 +55,13 @@ def test_a_wrong_feature_size_at_a_generated_kernel_is_an_input_error(tmp_path) 
     for m in (compiled, sparta.load(path, model)):
         with pytest.raises(InputError, match=r"shape \(\.\.\., 32\), got \(4, 33\)"):
             m(torch.randn(4, 33))
+
+
+def test_token_ids_take_any_integer_dtype_and_nothing_else() -> None:
+    model, (ids,) = bert()
+    compiled = sparta.compile(model, {}, (ids,), measure=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids.to(torch.int32)), model(ids))
+    for dtype in (torch.float32, torch.bool):
+        with pytest.raises(InputError, match=rf"argument 0 is {dtype}.*compiled for torch.int64"):
+            compiled(ids.to(dtype))

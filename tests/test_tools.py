@@ -81,6 +81,7 @@ def test_save_load_round_trip(tmp_path, backends) -> None:
     compiled.save(path)
     loaded = sparta.load(path, model)
     assert loaded.__dict__["_propagated"] is None  # no trace, no propagation, no measuring
+    assert not compiled.report.origin and str(path) in loaded.report.summary()
     impls = {n.name: n.impl for n in compiled.report.nodes}
     assert {n.name: n.impl for n in loaded.report.nodes} == impls
     if backends:
@@ -182,6 +183,7 @@ def test_plan_cache(tmp_path, monkeypatch) -> None:
     second_s = time.perf_counter() - start
     assert second_s < first_s / 3, (second_s, first_s)
     assert [n.impl for n in second.report.nodes] == [n.impl for n in first.report.nodes]
+    assert "plan cache" in second.report.summary() and not first.report.origin
     ids = torch.randint(0, 100, (3, 11))
     torch.testing.assert_close(second(ids), sparta.masked_model(model, attrs)(ids), rtol=1e-4,
                                atol=1e-4)  # fmt: skip
