@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -93,6 +94,8 @@ def sparsify(model: nn.Module, spec: Mapping[str, Sparsifier]) -> dict[str, torc
                 )
             owner[name] = key
         entries.append((key, sparsifier, matched))
+        if matched != [key]:
+            _warn_norms(model, key, matched)
 
     masks: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -101,6 +104,25 @@ def sparsify(model: nn.Module, spec: Mapping[str, Sparsifier]) -> dict[str, torc
             for name in matched:
                 masks[name] = _checked(got.get(name), params[name], name, key)
     return {n: masks[n] for n in names if n in masks}
+
+
+def _warn_norms(model: nn.Module, key: str, matched: list[str]) -> None:
+    """A glob that also caught normalization layers' parameters (``"encoder.*.weight"`` takes
+    every LayerNorm's scale): pruning those is rarely meant, so say so (a warning, not an
+    error: an exact name or a narrower glob is how to mean it)."""
+    norms = [
+        n
+        for n in matched
+        if "." in n and "Norm" in type(model.get_submodule(n.rsplit(".", 1)[0])).__name__
+    ]
+    if norms:
+        warnings.warn(
+            f"sparta: sparsify entry {key!r} also matched {len(norms)} parameter(s) of "
+            f"normalization layers (e.g. {norms[0]!r}), which the sparsifier prunes like "
+            f"weights; narrow the glob (e.g. to the linears' '*.dense.weight') unless that is "
+            f"meant.",
+            stacklevel=3,
+        )
 
 
 def _checked(mask: object, param: torch.Tensor, name: str, key: str) -> torch.Tensor:

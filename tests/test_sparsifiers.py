@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
@@ -342,3 +343,13 @@ def test_custom_sparsifier_through_sparsify() -> None:
         sparsify(model, {"weight": Upper()})["weight"], torch.ones(4, 4).bool().triu()
     )
     assert math.isclose(float(Upper().mask(torch.ones(3, 3)).float().mean()), 6 / 9, rel_tol=1e-6)
+
+
+def test_a_glob_catching_norm_scales_warns_and_an_exact_name_does_not() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4))
+    with pytest.warns(UserWarning, match=r"'\*\.weight' also matched 1 .* \(e\.g\. '1\.weight'\)"):
+        masks = sparsify(model, {"*.weight": Magnitude(0.5)})
+    assert set(masks) == {"0.weight", "1.weight", "2.weight"}  # still pruned as asked
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(model, {"1.weight": Magnitude(0.5), "[02].weight": Magnitude(0.5)})
