@@ -176,9 +176,10 @@ class InputSignature:
     integer dtype), and the dims torch.export fixed to the example's size 1
     (``trace.specialised_sizes``): generated kernels are specialised to the first, and the
     graph may have baked the second into its views (a batch of 2 folded into another dim), so a
-    call with another is an
-    ``InputError`` naming the argument instead of a failure inside a kernel or a wrong answer.
-    Other shapes are not checked: the graph takes any batch, sequence or rank the model takes."""
+    call with another is an ``InputError`` naming the argument instead of a failure inside a
+    kernel or a wrong answer. Other shapes are not checked: the graph takes any batch, sequence
+    or rank the model takes (a feature size a generated kernel does not take is an
+    ``InputError`` from that kernel)."""
 
     expected: Mapping[int | str, tuple[torch.dtype, torch.device]]  # position or name
     sizes: Mapping[int | str, tuple[int | None, ...]] = field(default_factory=dict)

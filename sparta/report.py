@@ -95,8 +95,8 @@ class Report:
         given, after = self.weight_density()
         fd = sum(n.flops_dense for n in self.nodes)
         fs = sum(n.flops_sparse for n in self.nodes)
-        parts = [f"{self.origin} (the timings are those of the compile that saved it)"]
-        parts = parts if self.origin else []
+        origin = f"{self.origin} (the timings are those of the compile that saved it)"
+        parts = [origin] if self.origin else []
         parts += [
             f"weights kept {given:.1%} given -> {after:.1%} after propagation (all parameters)",
             f"matmul FLOPs {fd / 1e6:.1f}M dense -> {fs / 1e6:.1f}M sparse"
