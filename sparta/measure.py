@@ -41,6 +41,7 @@ class NodeMeasurement:
     dense_latency_ms: float
     flops: int  # multiply-adds x 2 the chosen implementation needs by the propagated masks
     dense_flops: int
+    weight: str = ""  # the node's weight (report.nodes[i].weight); "+N stacked" for siblings
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Measurement:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"latency_ms", "dense_latency_ms", "nodes": [{"name", "target", "impl",
-        "latency_ms", "dense_latency_ms", "flops", "dense_flops"}]}`` (JSON-ready)."""
+        "latency_ms", "dense_latency_ms", "flops", "dense_flops", "weight"}]}`` (JSON-ready)."""
         return {
             "latency_ms": self.latency_ms,
             "dense_latency_ms": self.dense_latency_ms,
@@ -69,6 +70,7 @@ class Measurement:
             rows.append(
                 [
                     n.name,
+                    n.weight or "-",
                     n.impl,
                     f"{n.dense_latency_ms:.4f}",
                     f"{n.latency_ms:.4f}",
@@ -79,7 +81,7 @@ class Measurement:
         return rows
 
     def __str__(self) -> str:
-        head = ["node", "impl", "dense ms", "ms", "speed-up", "FLOPs kept"]
+        head = ["node", "weight", "impl", "dense ms", "ms", "speed-up", "FLOPs kept"]
         title = (
             f"whole forward: dense {self.dense_latency_ms:.3f} ms -> compiled "
             f"{self.latency_ms:.3f} ms ({self.dense_latency_ms / max(self.latency_ms, 1e-9):.2f}x"
@@ -98,7 +100,7 @@ class Measurement:
             return "\n".join(lines)
         table = Table(title=title)
         for h in head:
-            table.add_column(h, justify="left" if h in ("node", "impl") else "right")
+            table.add_column(h, justify="left" if h in ("node", "weight", "impl") else "right")
         for r in self.rows():
             table.add_row(*r)
         buf = io.StringIO()
@@ -240,6 +242,8 @@ def measure(
                 dense_latency_ms=t["dense"],
                 flops=e.flops_sparse if e is not None else 0,
                 dense_flops=e.flops_dense if e is not None else 0,
+                weight=(e.weight if e is not None else "")
+                + (f" (+{len(c.splits) - 1} stacked)" if c.splits else ""),
             )
         )
     from .compile import emit

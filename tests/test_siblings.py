@@ -94,6 +94,8 @@ def test_siblings_run_as_one_kernel_and_match_the_masked_model(monkeypatch, tmp_
     report = {e.name: e for e in compiled.report.nodes}
     fused = [e for e in report.values() if e.impl == "fused"]
     assert len(fused) == 2 and all("computed in" in e.reason for e in fused)
+    m = sparta.measure(compiled, (x,))
+    assert any(n.weight.endswith("(+2 stacked)") for n in m.nodes), [n.weight for n in m.nodes]
     # saved and loaded without planning: the same kernel, the same answers
     path = tmp_path / "siblings.sparta"
     compiled.save(path)

@@ -43,7 +43,8 @@ def _check_measurement(m: sparta.Measurement, compiled: sparta.CompiledModel | s
     assert {n["name"] for n in d["nodes"]} == planned and planned
     for n in d["nodes"]:
         assert set(n) == {"name", "target", "impl", "latency_ms", "dense_latency_ms", "flops",
-                          "dense_flops"}  # fmt: skip
+                          "dense_flops", "weight"}  # fmt: skip
+        assert ".weight" in n["weight"]  # every planned node here is a linear
         assert n["latency_ms"] > 0 and n["dense_latency_ms"] > 0
         assert 0 < n["flops"] <= n["dense_flops"]
     json.dumps(d)
