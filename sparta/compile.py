@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from . import plan_cache
-from .choice import Plan
+from .choice import Plan, timer_label
 from .emit import Emitter, pruned_module
 from .errors import InputError, TrainModeError
 from .plan import back_off, dense_plan, make_plan
@@ -208,12 +208,11 @@ class InputSignature:
             else:  # integer ids: any integer dtype
                 mismatch = value.dtype.is_floating_point or value.dtype == torch.bool
             if value.device != device or mismatch:
-                what = f"argument {key}" if isinstance(key, int) else f"argument {key!r}"
                 raise InputError(
-                    f"{what} is {value.dtype} on {value.device}, but the model was compiled "
-                    f"for {dtype} on {device} (its kernels are specialised to the example). "
-                    f"Pass .to({dtype}, {str(device)!r}) or compile again with an example of "
-                    f"this dtype and device."
+                    f"{_argument(key)} is {value.dtype} on {value.device}, but the model was "
+                    f"compiled for {dtype} on {device} (its kernels are specialised to the "
+                    f"example). Pass .to({dtype}, {str(device)!r}) or compile again with an "
+                    f"example of this dtype and device."
                 )
             self._check_sizes(key, value)
 
@@ -224,13 +223,18 @@ class InputSignature:
         bad = [d for d, f in enumerate(fixed) if f is not None and value.shape[d] != f]
         if not bad:
             return
-        what = f"argument {key}" if isinstance(key, int) else f"argument {key!r}"
         d = bad[0]
         raise InputError(
-            f"{what} has shape {tuple(value.shape)}, but the example had size {fixed[d]} in dim "
-            f"{d}, which torch.export fixed (the compiled graph may hold that size in its "
-            f"views): compile again with an example of size 2 or more there (e.g. a batch of 2)."
+            f"{_argument(key)} has shape {tuple(value.shape)}, but the example had size "
+            f"{fixed[d]} in dim {d}, which torch.export fixed (the compiled graph may hold that "
+            f"size in its views): compile again with an example of size 2 or more there (e.g. a "
+            f"batch of 2)."
         )
+
+
+def _argument(key: int | str) -> str:
+    """How errors name a forward() argument: by position, or by name for a keyword."""
+    return f"argument {key}" if isinstance(key, int) else f"argument {key!r}"
 
 
 def _device_of(model: torch.nn.Module, example_inputs: tuple) -> torch.device:
@@ -327,7 +331,9 @@ def time_graphs(
 def _check_whole(p, plan, gm, notes, runtime, inputs, kwargs):
     """Time the compiled graph against the dense graph in the same way; while it loses, turn
     back to dense the sparse nodes that saved least alone (half of them per step)."""
-    timer = "device time, CUDA-graph replay" if runtime.device_time else "host time per call"
+    timer = timer_label(runtime.device_time)
+    if runtime.device_time:
+        timer += ", CUDA-graph replay"
     if runtime.kind != "eager":
         timer += ", without Inductor"  # both sides lose the same fusions (docs/design.md)
     if not plan.sparse():  # the compiled graph is the dense graph
